@@ -1,0 +1,166 @@
+#include "checks.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "params.h"
+
+namespace metalq {
+namespace {
+
+template <size_t N>
+std::string join_supported(const int (&values)[N]) {
+  std::ostringstream out;
+  for (size_t i = 0; i < N; ++i) {
+    if (i > 0) out << (i + 1 == N ? " and " : ", ");
+    out << values[i];
+  }
+  return out.str();
+}
+
+template <size_t N>
+bool is_supported(const int (&values)[N], int64_t v) {
+  return std::find(std::begin(values), std::end(values), v) != std::end(values);
+}
+
+bool is_float(const at::Tensor& t) {
+  auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream out;
+  out << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.sym_size(i);
+  out << ")";
+  return out.str();
+}
+
+void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  auto first = ts.begin();
+  for (auto it = ts.begin() + 1; it != ts.end(); ++it) {
+    TORCH_CHECK_VALUE(it->second->device() == first->second->device(), "[", op, "] all tensors must be on one device, but ",
+                      first->first, " is on ", first->second->device(), " and ", it->first, " is on ",
+                      it->second->device(), ".");
+  }
+}
+
+void check_scales_biases(const char* op, const at::Tensor& scales, const at::Tensor& biases) {
+  TORCH_CHECK_TYPE(is_float(scales), "[", op, "] scales must be float32, float16 or bfloat16, got ",
+                   scales.scalar_type(), ".");
+  TORCH_CHECK_TYPE(biases.scalar_type() == scales.scalar_type(), "[", op,
+                   "] scales and biases must have the same dtype, got scales ", scales.scalar_type(),
+                   " and biases ", biases.scalar_type(), ".");
+  TORCH_CHECK_VALUE(scales.sym_sizes() == biases.sym_sizes(), "[", op,
+                    "] scales and biases must have the same shape, got scales ", shape_str(scales),
+                    " and biases ", shape_str(biases), ".");
+}
+
+void check_packed(const char* op, const at::Tensor& w) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kUInt32, "[", op, "] the packed weight w must be uint32, got ",
+                   w.scalar_type(), ".");
+}
+
+}  // namespace
+
+void check_bits(const char* op, int64_t bits) {
+  TORCH_CHECK_VALUE(is_supported(kSupportedBits, bits), "[", op, "] bits=", bits,
+                    " is not supported. The supported bits are ", join_supported(kSupportedBits), ".");
+}
+
+void check_format(const char* op, int64_t group_size, int64_t bits) {
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(is_supported(kSupportedGroupSizes, group_size), "[", op, "] group_size=", group_size,
+                    " is not supported. The supported group sizes are ", join_supported(kSupportedGroupSizes), ".");
+}
+
+void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits) {
+  const char* op = "affine_quantize";
+  check_format(op, group_size, bits);
+  TORCH_CHECK_TYPE(is_float(w), "[", op, "] only float32, float16 and bfloat16 weights can be quantized, but w has dtype ",
+                   w.scalar_type(), ".");
+  TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K), but it has ", w.dim(), ".");
+  TORCH_CHECK_VALUE(w.sym_size(-1) % group_size == 0, "[", op, "] the last dimension of w (K=", w.sym_size(-1),
+                    ") must be divisible by group_size=", group_size, "; w has shape ", shape_str(w), ".");
+}
+
+c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                    int64_t group_size, int64_t bits) {
+  const char* op = "affine_dequantize";
+  check_format(op, group_size, bits);
+  check_packed(op, wq);
+  check_scales_biases(op, scales, biases);
+  check_same_device(op, {{"w", &wq}, {"scales", &scales}, {"biases", &biases}});
+  TORCH_CHECK_VALUE(wq.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K*bits/32), but it has ",
+                    wq.dim(), ".");
+  c10::SymInt K = wq.sym_size(-1) * 32 / bits;
+  auto expected = wq.sym_sizes().vec();
+  expected.back() = K / group_size;
+  TORCH_CHECK_VALUE(scales.sym_sizes() == c10::SymIntArrayRef(expected), "[", op, "] w of shape ", shape_str(wq),
+                    " packs K=", K, " values per row at bits=", bits, ", so scales and biases must have shape ",
+                    c10::SymIntArrayRef(expected), " for group_size=", group_size, ", but scales has shape ",
+                    shape_str(scales), ".");
+  return K;
+}
+
+QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+  check_format(op, group_size, bits);
+  TORCH_CHECK_TYPE(is_float(x), "[", op, "] x must be float32, float16 or bfloat16, got ", x.scalar_type(), ".");
+  check_packed(op, w);
+  check_scales_biases(op, scales, biases);
+  TORCH_CHECK_TYPE(scales.scalar_type() == x.scalar_type(), "[", op,
+                   "] scales and biases must have the dtype of x (", x.scalar_type(), "), got ", scales.scalar_type(),
+                   "; cast them with .to(x.dtype).");
+  check_same_device(op, {{"x", &x}, {"w", &w}, {"scales", &scales}, {"biases", &biases}});
+  TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
+  TORCH_CHECK_VALUE(w.dim() == 2, "[", op, "] w must be 2-D, got shape ", shape_str(w), ".");
+  TORCH_CHECK_VALUE(scales.dim() == 2, "[", op, "] scales and biases must be 2-D, got shape ", shape_str(scales), ".");
+  TORCH_CHECK_VALUE(w.sym_size(-1) * 32 % bits == 0, "[", op, "] w has ", w.sym_size(-1),
+                    " uint32 words per row, which is not a whole number of ", bits, "-bit values.");
+  c10::SymInt rows = w.sym_size(0);
+  c10::SymInt packed_len = w.sym_size(1) * 32 / bits;  // values per row along the quantized axis
+  TORCH_CHECK_VALUE(packed_len % group_size == 0 && scales.sym_size(0) == rows &&
+                        scales.sym_size(1) * group_size == packed_len,
+                    "[", op, "] w of shape ", shape_str(w), " packs ", packed_len, " values per row at bits=", bits,
+                    ", so scales and biases must have shape (", rows, ", ", packed_len / group_size,
+                    ") for group_size=", group_size, ", but scales has shape ", shape_str(scales), ".");
+  QmmShape shape = transpose ? QmmShape{packed_len, rows} : QmmShape{rows, packed_len};
+  TORCH_CHECK_VALUE(x.sym_size(-1) == shape.K, "[", op, "] the last dimension of x (", x.sym_size(-1),
+                    ") must equal K=", shape.K, " of the weight: w of shape ", shape_str(w), " with bits=", bits,
+                    (transpose ? " holds [N, K]" : " holds [K, N]"), ".");
+  return shape;
+}
+
+std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits) {
+  check_bits("pack", bits);
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kByte, "[pack] q must be uint8, got ", q.scalar_type(), ".");
+  TORCH_CHECK_VALUE(q.dim() >= 1 && q.sym_size(-1) * bits % 32 == 0, "[pack] q must have a last dimension whose size",
+                    " times bits=", bits, " is a multiple of 32, got shape ", shape_str(q), ".");
+  return packed_sizes(q, bits);
+}
+
+std::vector<c10::SymInt> check_unpack(const at::Tensor& w, int64_t bits) {
+  check_bits("unpack", bits);
+  check_packed("unpack", w);
+  TORCH_CHECK_VALUE(w.dim() >= 1, "[unpack] w must have at least 1 dimension.");
+  auto sizes = w.sym_sizes().vec();
+  sizes.back() = sizes.back() * 32 / bits;
+  TORCH_CHECK_VALUE(sizes.back() * bits == w.sym_size(-1) * 32, "[unpack] w has ", w.sym_size(-1),
+                    " words per row, which is not a whole number of ", bits, "-bit values.");
+  return sizes;
+}
+
+std::vector<c10::SymInt> packed_sizes(const at::Tensor& w, int64_t bits) {
+  auto sizes = w.sym_sizes().vec();
+  sizes.back() = sizes.back() * bits / 32;
+  return sizes;
+}
+
+std::vector<c10::SymInt> group_sizes(const at::Tensor& w, int64_t group_size) {
+  auto sizes = w.sym_sizes().vec();
+  sizes.back() = sizes.back() / group_size;
+  return sizes;
+}
+
+}  // namespace metalq

@@ -1,0 +1,49 @@
+// CPU kernels for the affine format, behind a table picked once by the CPU's instruction set.
+// Torch-free on purpose: each instruction-set variant compiles the same templates (kernels_impl.h)
+// in its own translation unit and namespace, so no inline code built for AVX-512 can leak into a
+// path that runs on an older CPU.
+#pragma once
+
+#include <cstdint>
+
+namespace metalq::cpu {
+
+enum class ScalarKind { f32, f16, bf16 };
+
+// A packed matrix [rows, cols] quantized along cols: row r holds cols values of `bits` bits,
+// LSB-first, and one (scale, bias) pair per `group_size` values, stored as `kind`.
+struct PackedMatrix {
+  const uint8_t* w;
+  const void* scales;
+  const void* biases;
+  ScalarKind kind;
+  int64_t rows;
+  int64_t cols;
+  int bits;
+  int group_size;
+  int64_t row_bytes() const { return cols * bits / 8; }
+  int64_t groups_per_row() const { return cols / group_size; }
+};
+
+struct KernelTable {
+  const char* isa;
+  // x @ W.T runs in two steps: prepare_x lays x [M, W.cols] out for this variant's decoder in
+  // scratch (qmm_t_scratch_floats(W, M) floats), then qmm_t writes y[m, n] = sum_k x[m, k] * W[n, k]
+  // for n in [n0, n1) into y (row stride ldy). Threads share one prepared scratch.
+  void (*prepare_x)(const PackedMatrix& W, const float* x, int64_t M, float* scratch);
+  void (*qmm_t)(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+  // y[m, n] = sum_k x[m, k] * W[k, n] for n in [n0, n1); x is [M, W.rows], y is [M, W.cols].
+  void (*qmm_n)(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1);
+  // Rows [r0, r1) of W dequantized as scale * q + bias (one float rounding) into out[(r - r0) * cols].
+  void (*dequantize_f32)(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
+  void (*dequantize_bf16)(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
+};
+
+inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
+  return M * (W.cols + W.groups_per_row());
+}
+
+// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512 forces a variant.
+const KernelTable& kernels();
+
+}  // namespace metalq::cpu

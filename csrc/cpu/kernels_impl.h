@@ -1,0 +1,349 @@
+// Templates behind KernelTable, compiled once per instruction set. The including file defines
+//   METALQ_ISA     namespace of this variant (generic, avx2, avx512)
+//   METALQ_VW      float lanes per vector (8 or 16)
+//   METALQ_TARGET  compiler target string, or leaves it undefined for the baseline.
+// Only standard headers are included, and before the target region: inline code of a third-party
+// header compiled here for AVX-512 could otherwise be picked by the linker for every caller.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "kernels.h"
+
+#if defined(METALQ_TARGET) && defined(__clang__)
+#pragma clang attribute push(__attribute__((target(METALQ_TARGET))), apply_to = function)
+#elif defined(METALQ_TARGET)
+#pragma GCC push_options
+#pragma GCC target(METALQ_TARGET)
+#endif
+
+namespace metalq::cpu::METALQ_ISA {
+namespace {
+
+constexpr int VW = METALQ_VW;
+typedef float fvec __attribute__((vector_size(VW * 4)));
+typedef int32_t ivec __attribute__((vector_size(VW * 4)));
+typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
+typedef uint8_t bytes_in __attribute__((vector_size(16)));
+typedef uint8_t bytes_lane __attribute__((vector_size(VW * 4)));
+
+inline fvec splat(float v) { return fvec{} + v; }
+
+inline float hsum(fvec v) {
+  float s = 0.f;
+  for (int j = 0; j < VW; ++j) s += v[j];
+  return s;
+}
+
+template <ScalarKind K>
+inline float to_float(const void* p, int64_t i) {
+  if constexpr (K == ScalarKind::f32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (K == ScalarKind::bf16) {
+    uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  } else {
+    return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+  }
+}
+
+// Value k of a packed row, read bytewise so that no byte past the row is touched.
+inline uint32_t extract(const uint8_t* row, int64_t k, int bits) {
+  int64_t bit = k * bits;
+  uint32_t v = row[bit >> 3];
+  if ((bit & 7) + bits > 8) v |= uint32_t(row[(bit >> 3) + 1]) << 8;
+  return (v >> (bit & 7)) & ((1u << bits) - 1);
+}
+
+// Decoders turn one block of packed bytes into kSub float vectors. Lane j of sub-vector t holds
+// value lane_value(t, j) of the block; callers permute x once instead of shuffling every weight.
+
+// Powers of two: one uint32 word per lane, sub-vector t takes each word's t-th field.
+template <int BITS>
+struct WordDecoder {
+  static constexpr int kPerWord = 32 / BITS;
+  static constexpr int kValues = VW * kPerWord;
+  static constexpr int kBytes = VW * 4;
+  static constexpr int kSub = kPerWord;
+  static constexpr int lane_value(int t, int j) { return j * kPerWord + t; }
+  using Raw = uvec;
+  static Raw load(const uint8_t* p) {
+    Raw w;
+    std::memcpy(&w, p, sizeof w);
+    return w;
+  }
+  static fvec sub(const Raw& w, int t) {
+    return __builtin_convertvector((ivec)((w >> (uint32_t)(t * BITS)) & ((1u << BITS) - 1)), fvec);
+  }
+};
+
+// Any width: VW consecutive values from VW*BITS/8 bytes, each lane picking its two source bytes.
+template <int BITS>
+struct ByteDecoder {
+  static constexpr int kValues = VW;
+  static constexpr int kBytes = VW * BITS / 8;
+  static constexpr int kSub = 1;
+  static constexpr int lane_value(int, int j) { return j; }
+  using Raw = fvec;
+  static constexpr int source_byte(int i) {  // byte i of the lane vector; 16 selects a zero
+    return (i % 4) < 2 ? ((i / 4) * BITS) / 8 + (i % 4) : 16;
+  }
+  template <size_t... I>
+  static bytes_lane gather(bytes_in src, std::index_sequence<I...>) {
+    return __builtin_shufflevector(src, bytes_in{}, source_byte(I)...);
+  }
+  static Raw load(const uint8_t* p) {
+    static_assert(kBytes <= 16, "a block must fit one 16-byte load");
+    bytes_in src{};
+    std::memcpy(&src, p, kBytes);
+    bytes_lane lanes = gather(src, std::make_index_sequence<VW * 4>());
+    uvec words;
+    std::memcpy(&words, &lanes, sizeof words);
+    uvec shifts;
+    for (int j = 0; j < VW; ++j) shifts[j] = (j * BITS) % 8;
+    return __builtin_convertvector((ivec)((words >> shifts) & ((1u << BITS) - 1)), fvec);
+  }
+  static fvec sub(const Raw& q, int) { return q; }
+};
+
+template <int BITS>
+using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS>, ByteDecoder<BITS>>;
+
+// Per-lane scales of block b of row `row` when a block spans several groups.
+template <class D, ScalarKind SK>
+inline fvec lane_scales(const PackedMatrix& W, const void* table, int64_t row, int64_t b) {
+  const int64_t first = row * W.groups_per_row();
+  fvec s;
+  for (int j = 0; j < VW; ++j) s[j] = to_float<SK>(table, first + (b * D::kValues + D::lane_value(0, j)) / W.group_size);
+  return s;
+}
+
+// ---- x @ W.T -------------------------------------------------------------------------------------
+// Scratch per row of x: K floats of x in decoder lane order (full blocks, then the tail as is),
+// then one sum of x per group for the bias term: sum_k x_k (s q_k + b) = s sum_k x_k q_k + b sum_k x_k.
+
+template <class D>
+void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
+  const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / D::kValues;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    float* xp = scratch + m * (K + G);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int t = 0; t < D::kSub; ++t)
+        for (int j = 0; j < VW; ++j) xp[b * D::kValues + t * VW + j] = xm[b * D::kValues + D::lane_value(t, j)];
+    for (int64_t k = blocks * D::kValues; k < K; ++k) xp[k] = xm[k];
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; ++k) s += xm[k];
+      xp[K + g] = s;
+    }
+  }
+}
+
+template <class D, ScalarKind SK, int MR>
+inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, float* out) {
+  const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / D::kValues, stride = K + G;
+  const uint8_t* wrow = W.w + n * W.row_bytes();
+  fvec acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = fvec{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    auto raw = D::load(wrow + b * D::kBytes);
+    fvec d[MR];
+    for (int m = 0; m < MR; ++m) d[m] = fvec{};
+    for (int t = 0; t < D::kSub; ++t) {
+      fvec q = D::sub(raw, t);
+      for (int m = 0; m < MR; ++m) {
+        fvec xv;
+        std::memcpy(&xv, scratch + m * stride + b * D::kValues + t * VW, sizeof xv);
+        d[m] += xv * q;
+      }
+    }
+    fvec s = D::kValues <= W.group_size
+                 ? splat(to_float<SK>(W.scales, n * G + b * D::kValues / W.group_size))
+                 : lane_scales<D, SK>(W, W.scales, n, b);
+    for (int m = 0; m < MR; ++m) acc[m] += s * d[m];
+  }
+  float r[MR];
+  for (int m = 0; m < MR; ++m) r[m] = hsum(acc[m]);
+  for (int64_t k = blocks * D::kValues; k < K; ++k) {
+    float sq = to_float<SK>(W.scales, n * G + k / W.group_size) * float(extract(wrow, k, W.bits));
+    for (int m = 0; m < MR; ++m) r[m] += scratch[m * stride + k] * sq;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float bias = to_float<SK>(W.biases, n * G + g);
+    for (int m = 0; m < MR; ++m) r[m] += bias * scratch[m * stride + K + g];
+  }
+  for (int m = 0; m < MR; ++m) out[m] = r[m];
+}
+
+template <class D, ScalarKind SK>
+void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int kRows = 4;  // rows of x sharing one decode of W; more spills the accumulators
+  const int64_t stride = W.cols + W.groups_per_row();
+  float r[kRows];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; m += kRows) {
+      const float* s = scratch + m * stride;
+      const int64_t rows = M - m < kRows ? M - m : kRows;
+      switch (rows) {
+        case 4: row_dot<D, SK, 4>(W, n, s, r); break;
+        case 3: row_dot<D, SK, 3>(W, n, s, r); break;
+        case 2: row_dot<D, SK, 2>(W, n, s, r); break;
+        default: row_dot<D, SK, 1>(W, n, s, r); break;
+      }
+      for (int64_t i = 0; i < rows; ++i) y[(m + i) * ldy + n] = r[i];
+    }
+  }
+}
+
+// ---- x @ W (W is [K, N], quantized along N) -----------------------------------------------------
+
+template <class D, ScalarKind SK>
+void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = W.rows, N = W.cols, G = W.groups_per_row(), rb = W.row_bytes();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    int64_t n = n0;
+    while (n < n1) {
+      if (n % D::kValues == 0 && n + D::kValues <= n1) {
+        const int64_t b = n / D::kValues;
+        fvec acc[D::kSub];
+        for (int t = 0; t < D::kSub; ++t) acc[t] = fvec{};
+        for (int64_t k = 0; k < K; ++k) {
+          auto raw = D::load(W.w + k * rb + b * D::kBytes);
+          fvec xs = D::kValues <= W.group_size
+                        ? splat(xm[k] * to_float<SK>(W.scales, k * G + n / W.group_size))
+                        : splat(xm[k]) * lane_scales<D, SK>(W, W.scales, k, b);
+          for (int t = 0; t < D::kSub; ++t) acc[t] += xs * D::sub(raw, t);
+        }
+        for (int t = 0; t < D::kSub; ++t)
+          for (int j = 0; j < VW; ++j) ym[n + D::lane_value(t, j)] = acc[t][j];
+        // Bias term, once per group of the block: sum_k x_k b[k, g].
+        for (int64_t g = n / W.group_size; g * W.group_size < n + D::kValues; ++g) {
+          float bsum = 0.f;
+          for (int64_t k = 0; k < K; ++k) bsum += xm[k] * to_float<SK>(W.biases, k * G + g);
+          const int64_t lo = g * W.group_size > n ? g * W.group_size : n;
+          const int64_t hi = (g + 1) * W.group_size < n + D::kValues ? (g + 1) * W.group_size : n + D::kValues;
+          for (int64_t c = lo; c < hi; ++c) ym[c] += bsum;
+        }
+        n += D::kValues;
+      } else {
+        float acc = 0.f;
+        const int64_t g = n / W.group_size;
+        for (int64_t k = 0; k < K; ++k)
+          acc += xm[k] * (to_float<SK>(W.scales, k * G + g) * float(extract(W.w + k * rb, n, W.bits)) +
+                          to_float<SK>(W.biases, k * G + g));
+        ym[n] = acc;
+        ++n;
+      }
+    }
+  }
+}
+
+// ---- dequantize into a float or bfloat16 tile (the large-M path feeds these to a BLAS GEMM) -------
+
+inline void store(float* out, fvec v) { std::memcpy(out, &v, sizeof v); }
+
+inline void store(uint16_t* out, fvec v) {  // round to nearest even, as torch's float -> bfloat16
+  uvec u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  for (int j = 0; j < VW; ++j) out[j] = uint16_t(u[j]);
+}
+
+template <int BITS, ScalarKind SK, class Out>
+void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  using D = ByteDecoder<BITS>;
+  const int64_t G = W.groups_per_row(), per_group = W.group_size / D::kValues;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wrow = W.w + r * W.row_bytes();
+    Out* orow = out + (r - r0) * W.cols;
+    for (int64_t g = 0; g < G; ++g) {
+      fvec s = splat(to_float<SK>(W.scales, r * G + g)), bias = splat(to_float<SK>(W.biases, r * G + g));
+      for (int64_t i = 0; i < per_group; ++i) {
+        const int64_t blk = g * per_group + i;
+        store(orow + blk * D::kValues, s * D::load(wrow + blk * D::kBytes) + bias);
+      }
+    }
+  }
+}
+
+// ---- the table: bits and scale kind become template arguments here ------------------------------
+
+template <template <int, ScalarKind> class F, class... Args>
+void dispatch(const PackedMatrix& W, Args... args) {
+  auto by_kind = [&](auto bits_tag) {
+    constexpr int B = decltype(bits_tag)::value;
+    switch (W.kind) {
+      case ScalarKind::f32: return F<B, ScalarKind::f32>::run(W, args...);
+      case ScalarKind::f16: return F<B, ScalarKind::f16>::run(W, args...);
+      case ScalarKind::bf16: return F<B, ScalarKind::bf16>::run(W, args...);
+    }
+  };
+  switch (W.bits) {
+    case 1: return by_kind(std::integral_constant<int, 1>{});
+    case 2: return by_kind(std::integral_constant<int, 2>{});
+    case 3: return by_kind(std::integral_constant<int, 3>{});
+    case 4: return by_kind(std::integral_constant<int, 4>{});
+    case 5: return by_kind(std::integral_constant<int, 5>{});
+    case 6: return by_kind(std::integral_constant<int, 6>{});
+    default: return by_kind(std::integral_constant<int, 8>{});  // bits were validated by the op
+  }
+}
+
+template <int B, ScalarKind SK>
+struct QmmT {
+  static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+    qmm_t_rows<FastDecoder<B>, SK>(W, x, M, y, ldy, n0, n1);
+  }
+};
+template <int B, ScalarKind SK>
+struct PrepareX {
+  static void run(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
+    prepare_x<FastDecoder<B>>(W, x, M, scratch);
+  }
+};
+template <int B, ScalarKind SK>
+struct QmmN {
+  static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+    qmm_n_cols<FastDecoder<B>, SK>(W, x, M, y, n0, n1);
+  }
+};
+template <int B, ScalarKind SK>
+struct DequantizeF32 {
+  static void run(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+};
+template <int B, ScalarKind SK>
+struct DequantizeBF16 {
+  static void run(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+};
+
+}  // namespace
+
+const KernelTable& table() {
+  static const KernelTable t{
+      METALQ_ISA_NAME,
+      [](const PackedMatrix& W, const float* x, int64_t M, float* scratch) { dispatch<PrepareX>(W, x, M, scratch); },
+      [](const PackedMatrix& W, const float* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+        dispatch<QmmT>(W, s, M, y, ldy, n0, n1);
+      },
+      [](const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+        dispatch<QmmN>(W, x, M, y, n0, n1);
+      },
+      [](const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dispatch<DequantizeF32>(W, r0, r1, out); },
+      [](const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dispatch<DequantizeBF16>(W, r0, r1, out); },
+  };
+  return t;
+}
+
+}  // namespace metalq::cpu::METALQ_ISA
+
+#if defined(METALQ_TARGET) && defined(__clang__)
+#pragma clang attribute pop
+#elif defined(METALQ_TARGET)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,316 @@
+// CPU implementations of the metalq ops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "params.h"
+
+namespace metalq {
+namespace {
+
+// From this many rows of x on, dequantizing tiles of W into a BLAS GEMM beats the fused kernels,
+// whose cost grows with every row (see benchmarks/bench_qmm.py).
+constexpr int64_t kGemmMinRows = 16;
+// Rows of W dequantized per GEMM tile: large enough for an efficient GEMM, small enough for L2/L3.
+constexpr int64_t kTileRows = 512;
+// Units of columns handed to one thread by qmm_n: a multiple of every decoder block (at most 512).
+constexpr int64_t kColumnUnit = 512;
+
+cpu::ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::ScalarKind::f32;
+    case at::kHalf: return cpu::ScalarKind::f16;
+    default: return cpu::ScalarKind::bf16;  // validated by the checks
+  }
+}
+
+cpu::PackedMatrix packed_matrix(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& biases,
+                                int64_t group_size, int64_t bits) {
+  return cpu::PackedMatrix{static_cast<const uint8_t*>(w.data_ptr()), scales.data_ptr(), biases.data_ptr(),
+                           scalar_kind(scales.scalar_type()), w.size(0), w.size(1) * 32 / bits, int(bits),
+                           int(group_size)};
+}
+
+// ---- pack / unpack: the LSB-first bitstream of MLX's format -------------------------------------
+
+// Packs `count` values of `bits` bits (count * bits is a multiple of 32) into words.
+template <class Q>
+void pack_row(const Q* q, int64_t count, int bits, uint32_t* words) {
+  uint64_t acc = 0;
+  int filled = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    acc |= uint64_t(q[i]) << filled;
+    filled += bits;
+    if (filled >= 32) {
+      *words++ = uint32_t(acc);
+      acc >>= 32;
+      filled -= 32;
+    }
+  }
+}
+
+void unpack_row(const uint32_t* words, int64_t count, int bits, uint8_t* q) {
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  uint64_t acc = 0;
+  int avail = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (avail < bits) {
+      acc |= uint64_t(*words++) << avail;
+      avail += 32;
+    }
+    q[i] = uint8_t(acc & mask);
+    acc >>= bits;
+    avail -= bits;
+  }
+}
+
+at::Tensor pack_cpu(const at::Tensor& q, int64_t bits) {
+  const auto sym_sizes = check_pack(q, bits);
+  const auto sizes = C10_AS_INTARRAYREF_SLOW(sym_sizes);
+  TORCH_CHECK_VALUE(q.numel() == 0 || q.max().item<uint8_t>() < (1 << bits), "[pack] q has values >= 2**bits = ",
+                    1 << bits, ".");
+  auto qc = q.contiguous();
+  auto out = at::empty(sizes, q.options().dtype(at::kUInt32));
+  const int64_t count = q.size(-1), rows = count ? qc.numel() / count : 0;
+  auto* src = qc.data_ptr<uint8_t>();
+  auto* dst = static_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) pack_row(src + r * count, count, int(bits), dst + r * count * bits / 32);
+  });
+  return out;
+}
+
+at::Tensor unpack_cpu(const at::Tensor& w, int64_t bits) {
+  const auto sym_sizes = check_unpack(w, bits);
+  const auto sizes = C10_AS_INTARRAYREF_SLOW(sym_sizes);
+  auto wc = w.contiguous();
+  auto out = at::empty(sizes, w.options().dtype(at::kByte));
+  const int64_t words = w.size(-1), rows = words ? wc.numel() / words : 0, count = sizes.back();
+  auto* src = static_cast<const uint32_t*>(wc.data_ptr());
+  auto* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) unpack_row(src + r * words, count, int(bits), dst + r * count);
+  });
+  return out;
+}
+
+// ---- quantize: MLX's CPU rule, so checkpoints are bit-identical to mx.quantize ------------------
+
+struct GroupParams {
+  float scale;
+  float bias;
+};
+
+GroupParams affine_group_params(const float* w, int64_t n, int bits) {
+  float w_min = w[0], w_max = w[0];
+  for (int64_t i = 1; i < n; ++i) {
+    w_min = std::min(w_min, w[i]);
+    w_max = std::max(w_max, w[i]);
+  }
+  const float n_bins = float((1 << bits) - 1);
+  if (bits == 1) return {std::max(w_max - w_min, kQuantizeEps), w_min};
+  // The extreme of larger magnitude becomes the bias (exactly representable, q = 0) and the scale is
+  // nudged so that 0.0 falls on an integer level; scales are negative when that extreme is the max.
+  float scale = std::max((w_max - w_min) / n_bins, kQuantizeEps);
+  const bool min_is_edge = std::abs(w_min) > std::abs(w_max);
+  scale = min_is_edge ? scale : -scale;
+  const float edge = min_is_edge ? w_min : w_max;
+  const float q0 = std::rint(edge / scale);
+  if (q0 == 0.f) return {scale, 0.f};
+  return {edge / q0, edge};
+}
+
+template <class T>
+void quantize_rows(const T* w, int64_t rows, int64_t K, int64_t group_size, int bits, uint32_t* wq, T* scales,
+                   T* biases) {
+  const int64_t G = K / group_size, words = K * bits / 32;
+  const float n_bins = float((1 << bits) - 1);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> wf(group_size);
+    std::vector<uint8_t> q(K);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t g = 0; g < G; ++g) {
+        const T* src = w + r * K + g * group_size;
+        for (int64_t i = 0; i < group_size; ++i) wf[i] = float(src[i]);
+        const GroupParams p = affine_group_params(wf.data(), group_size, bits);
+        for (int64_t i = 0; i < group_size; ++i)
+          q[g * group_size + i] = uint8_t(std::clamp(std::rint((wf[i] - p.bias) / p.scale), 0.f, n_bins));
+        scales[r * G + g] = T(p.scale);
+        biases[r * G + g] = T(p.bias);
+      }
+      pack_row(q.data(), K, bits, wq + r * words);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w, int64_t group_size,
+                                                                   int64_t bits) {
+  check_affine_quantize(w, group_size, bits);
+  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
+  auto wc = w.contiguous();
+  auto wq = at::empty(C10_AS_INTARRAYREF_SLOW(packed_sizes(w, bits)), w.options().dtype(at::kUInt32));
+  const auto sym_gsizes = group_sizes(w, group_size);
+  const auto gsizes = C10_AS_INTARRAYREF_SLOW(sym_gsizes);
+  auto scales = at::empty(gsizes, w.options());
+  auto biases = at::empty(gsizes, w.options());
+  const int64_t K = w.size(-1), rows = K ? w.numel() / K : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "affine_quantize", [&] {
+    quantize_rows(wc.data_ptr<scalar_t>(), rows, K, group_size, int(bits), static_cast<uint32_t*>(wq.data_ptr()),
+                  scales.data_ptr<scalar_t>(), biases.data_ptr<scalar_t>());
+  });
+  return {wq, scales, biases};
+}
+
+// ---- dequantize: w = scale * q + bias with MLX's roundings (the product, then the sum, in T) -------
+
+template <class T>
+T dequantize_value(uint32_t q, T scale, T bias) {
+  if constexpr (std::is_same_v<T, float>) {
+    // The double product is exact, so this rounds q * scale once and cannot be fused into an FMA.
+    const float product = float(double(q) * double(scale));
+    return product + bias;
+  } else {
+    const T product = T(float(q) * float(scale));  // exact in float for q < 256
+    return T(float(product) + float(bias));
+  }
+}
+
+at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                 int64_t group_size, int64_t bits) {
+  const int64_t K = check_affine_dequantize(wq, scales, biases, group_size, bits).expect_int();
+  auto sizes = wq.sizes().vec();
+  sizes.back() = K;
+  auto out = at::empty(sizes, scales.options());
+  auto wc = wq.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
+  const int64_t words = wq.size(-1), rows = words ? wq.numel() / words : 0, G = K / group_size;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "affine_dequantize", [&] {
+    auto* w = static_cast<const uint32_t*>(wc.data_ptr());
+    auto* s = sc.data_ptr<scalar_t>();
+    auto* b = bc.data_ptr<scalar_t>();
+    auto* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> q(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        unpack_row(w + r * words, K, int(bits), q.data());
+        for (int64_t k = 0; k < K; ++k)
+          o[r * K + k] = dequantize_value<scalar_t>(q[k], s[r * G + k / group_size], b[r * G + k / group_size]);
+      }
+    });
+  });
+  return out;
+}
+
+// ---- quantized matmul ---------------------------------------------------------------------------
+
+// x2 [M, K] float32 contiguous; returns x2 @ W.T as float32 [M, N] through the fused kernels.
+at::Tensor qmm_t_fused(const cpu::PackedMatrix& W, const at::Tensor& x2) {
+  const auto& k = cpu::kernels();
+  const int64_t M = x2.size(0), N = W.rows;
+  auto scratch = at::empty({cpu::qmm_t_scratch_floats(W, M)}, x2.options());
+  k.prepare_x(W, x2.data_ptr<float>(), M, scratch.data_ptr<float>());
+  auto y = at::empty({M, N}, x2.options());
+  const float* s = scratch.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { k.qmm_t(W, s, M, out, N, n0, n1); });
+  return y;
+}
+
+// Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile.
+at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, const at::TensorOptions& opts) {
+  const auto& k = cpu::kernels();
+  auto tile = at::empty({r1 - r0, W.cols}, opts);
+  const bool bf16 = opts.dtype() == at::kBFloat16;
+  void* base = tile.data_ptr();
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    if (bf16)
+      k.dequantize_bf16(W, a, b, static_cast<uint16_t*>(base) + (a - r0) * W.cols);
+    else
+      k.dequantize_f32(W, a, b, static_cast<float*>(base) + (a - r0) * W.cols);
+  });
+  return tile;
+}
+
+// x2 [M, K] in the GEMM dtype (float32 or bfloat16); W [N, K] dequantized tile by tile.
+at::Tensor qmm_t_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
+  const int64_t M = x2.size(0), N = W.rows;
+  auto y = at::empty({M, N}, x2.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t n1 = std::min(N, n0 + kTileRows);
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantized_tile(W, n0, n1, x2.options()).t()));
+  }
+  return y;
+}
+
+// x2 [M, K] float32; W [K, N]. Small M through the fused kernel, large M as a K-tiled float GEMM.
+at::Tensor qmm_n_float(const cpu::PackedMatrix& W, const at::Tensor& x2) {
+  const int64_t M = x2.size(0), K = W.rows, N = W.cols;
+  if (M < kGemmMinRows) {
+    auto y = at::empty({M, N}, x2.options());
+    const auto& k = cpu::kernels();
+    const float* x = x2.data_ptr<float>();
+    float* out = y.data_ptr<float>();
+    at::parallel_for(0, (N + kColumnUnit - 1) / kColumnUnit, 1, [&](int64_t u0, int64_t u1) {
+      k.qmm_n(W, x, M, out, u0 * kColumnUnit, std::min(N, u1 * kColumnUnit));
+    });
+    return y;
+  }
+  auto y = at::zeros({M, N}, x2.options());
+  for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+    const int64_t k1 = std::min(K, k0 + kTileRows);
+    y.addmm_(x2.narrow(1, k0, k1 - k0), dequantized_tile(W, k0, k1, x2.options()));
+  }
+  return y;
+}
+
+at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+  const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
+  const int64_t K = shape.K.expect_int(), N = shape.N.expect_int();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  if (x.numel() == 0) return at::zeros(out_sizes, x.options());
+  auto wc = w.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
+  const cpu::PackedMatrix W = packed_matrix(wc, sc, bc, group_size, bits);
+  auto x2 = x.reshape({-1, K});
+  at::Tensor y;
+  if (!transpose) {
+    y = qmm_n_float(W, x2.to(at::kFloat).contiguous());
+  } else if (x2.size(0) < kGemmMinRows) {
+    y = qmm_t_fused(W, x2.to(at::kFloat).contiguous());
+  } else {
+    // bfloat16 activations keep a bfloat16 GEMM (as a dense bf16 linear would); others run in float32.
+    const auto gemm_dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+    y = qmm_t_gemm(W, x2.to(gemm_dtype).contiguous());
+  }
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+at::Tensor affine_qmm_t_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return affine_qmm_cpu("affine_qmm_t", x, w, scales, biases, group_size, bits, true);
+}
+
+at::Tensor affine_qmm_n_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return affine_qmm_cpu("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalq, CPU, m) {
+  m.impl("affine_quantize", &affine_quantize_cpu);
+  m.impl("affine_dequantize", &affine_dequantize_cpu);
+  m.impl("affine_qmm_t", &affine_qmm_t_cpu);
+  m.impl("affine_qmm_n", &affine_qmm_n_cpu);
+  m.impl("pack", &pack_cpu);
+  m.impl("unpack", &unpack_cpu);
+}
+
+}  // namespace metalq

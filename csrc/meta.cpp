@@ -1,0 +1,62 @@
+// Meta implementations: shapes and dtypes only, after the same checks as the real kernels. They serve
+// meta-device model construction, FakeTensor and torch.compile (sizes may be symbolic).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace metalq {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_meta(const at::Tensor& w, int64_t group_size,
+                                                                    int64_t bits) {
+  check_affine_quantize(w, group_size, bits);
+  auto gsizes = group_sizes(w, group_size);
+  return {at::empty_symint(packed_sizes(w, bits), w.options().dtype(at::kUInt32)),
+          at::empty_symint(gsizes, w.options()), at::empty_symint(gsizes, w.options())};
+}
+
+at::Tensor affine_dequantize_meta(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                  int64_t group_size, int64_t bits) {
+  auto sizes = wq.sym_sizes().vec();
+  sizes.back() = check_affine_dequantize(wq, scales, biases, group_size, bits);
+  return at::empty_symint(sizes, scales.options());
+}
+
+at::Tensor qmm_meta(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                    const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+  auto sizes = x.sym_sizes().vec();
+  sizes.back() = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose).N;
+  return at::empty_symint(sizes, x.options());
+}
+
+at::Tensor affine_qmm_t_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                             const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return qmm_meta("affine_qmm_t", x, w, scales, biases, group_size, bits, true);
+}
+
+at::Tensor affine_qmm_n_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                             const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return qmm_meta("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
+}
+
+at::Tensor pack_meta(const at::Tensor& q, int64_t bits) {
+  return at::empty_symint(check_pack(q, bits), q.options().dtype(at::kUInt32));
+}
+
+at::Tensor unpack_meta(const at::Tensor& w, int64_t bits) {
+  return at::empty_symint(check_unpack(w, bits), w.options().dtype(at::kByte));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalq, Meta, m) {
+  m.impl("affine_quantize", &affine_quantize_meta);
+  m.impl("affine_dequantize", &affine_dequantize_meta);
+  m.impl("affine_qmm_t", &affine_qmm_t_meta);
+  m.impl("affine_qmm_n", &affine_qmm_n_meta);
+  m.impl("pack", &pack_meta);
+  m.impl("unpack", &unpack_meta);
+}
+
+}  // namespace metalq

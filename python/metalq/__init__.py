@@ -1,0 +1,23 @@
+"""metalq: MLX-format affine low-bit quantized matmul for PyTorch.
+
+Metal kernels on Apple-silicon GPUs (MPS) and fast vectorised kernels on CPU, for weights packed
+exactly as MLX and transformers' ``MetalConfig`` pack them.
+"""
+from . import _C  # noqa: F401  (registers torch.ops.metalq.*)
+from .ops import (
+    affine_dequantize,
+    affine_qmm_n,
+    affine_qmm_t,
+    affine_quantize,
+    pack,
+    unpack,
+)
+
+__all__ = [
+    "affine_quantize",
+    "affine_dequantize",
+    "affine_qmm_t",
+    "affine_qmm_n",
+    "pack",
+    "unpack",
+]

@@ -1,0 +1,138 @@
+"""Typed wrappers around ``torch.ops.metalq``, plus their autograd formulas.
+
+The format is MLX's "affine" mode: a float matrix ``W`` of shape ``(..., rows, K)`` is cut into groups of
+``group_size`` consecutive values along its last axis; each group stores ``scale`` and ``bias`` and each
+value an unsigned ``bits``-bit integer ``q`` so that ``W ≈ scale * q + bias``. The integers are packed
+LSB-first into ``uint32`` words, ``K * bits / 32`` words per row.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+
+_ops = torch.ops.metalq
+
+
+def affine_quantize(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS):
+    """Quantize ``w`` group-wise along its last axis, bit-identically to ``mlx.core.quantize``.
+
+    Args:
+        w: ``(..., rows, K)`` float32, float16 or bfloat16, finite, ``K % group_size == 0``.
+        group_size: values per (scale, bias) pair: 32, 64 or 128.
+        bits: bits per value: 1, 2, 3, 4, 5, 6 or 8.
+
+    Returns:
+        ``(wq, scales, biases)``: ``wq`` uint32 ``(..., rows, K*bits/32)``; ``scales`` and ``biases``
+        ``(..., rows, K/group_size)`` in ``w.dtype``.
+
+    Example:
+        >>> wq, s, b = metalq.affine_quantize(torch.randn(256, 512), group_size=64, bits=4)
+    """
+    return _ops.affine_quantize(w, group_size, bits)
+
+
+def affine_dequantize(
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    bits: int = DEFAULT_BITS,
+) -> torch.Tensor:
+    """Unpack ``wq`` and return ``scales * q + biases`` in ``scales.dtype``, bit-identical to ``mx.dequantize``.
+
+    Args:
+        wq: uint32 ``(..., rows, K*bits/32)``.
+        scales, biases: ``(..., rows, K/group_size)``, one float dtype.
+
+    Returns:
+        ``(..., rows, K)`` in ``scales.dtype``.
+    """
+    return _ops.affine_dequantize(wq, scales, biases, group_size, bits)
+
+
+def affine_qmm_t(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    bits: int = DEFAULT_BITS,
+) -> torch.Tensor:
+    """``x @ dequantize(w).T``: the quantized ``nn.Linear`` product, without materialising the weight.
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16.
+        w: uint32 ``(N, K*bits/32)``, packed along K (the layout of ``nn.Linear.weight``).
+        scales, biases: ``(N, K/group_size)`` in ``x.dtype``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``. Equivalent to
+        ``x @ affine_dequantize(w, scales, biases, group_size, bits).T``, accumulated in float32.
+    """
+    return _ops.affine_qmm_t(x, w, scales, biases, group_size, bits)
+
+
+def affine_qmm_n(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    bits: int = DEFAULT_BITS,
+) -> torch.Tensor:
+    """``x @ dequantize(w)``: the non-transposed product (the gradient of ``affine_qmm_t`` with respect to x).
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16.
+        w: uint32 ``(K, N*bits/32)``, packed along N.
+        scales, biases: ``(K, N/group_size)`` in ``x.dtype``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+    """
+    return _ops.affine_qmm_n(x, w, scales, biases, group_size, bits)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 values ``q`` (``(..., count)``, each ``< 2**bits``) into uint32 ``(..., count*bits/32)``, LSB-first."""
+    return _ops.pack(q, bits)
+
+
+def unpack(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint32 ``(..., words)`` to uint8 ``(..., words*32/bits)``."""
+    return _ops.unpack(w, bits)
+
+
+# ---- autograd: gradients flow to x only; the packed weight, scales and biases are frozen ----------
+
+def _setup_qmm_context(ctx, inputs, output):
+    _, w, scales, biases, group_size, bits = inputs
+    ctx.save_for_backward(w, scales, biases)
+    ctx.group_size, ctx.bits = group_size, bits
+
+
+def _reject_weight_grads(ctx):
+    if any(ctx.needs_input_grad[1:4]):
+        raise RuntimeError(
+            "metalq: no gradient with respect to the quantized weight, scales or biases; they are frozen "
+            "(train an adapter such as LoRA on top, or dequantize the layer first)."
+        )
+
+
+def _qmm_t_backward(ctx, grad):
+    _reject_weight_grads(ctx)
+    w, scales, biases = ctx.saved_tensors
+    grad_x = _ops.affine_qmm_n(grad, w, scales, biases, ctx.group_size, ctx.bits) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None, None, None
+
+
+def _qmm_n_backward(ctx, grad):
+    _reject_weight_grads(ctx)
+    w, scales, biases = ctx.saved_tensors
+    grad_x = _ops.affine_qmm_t(grad, w, scales, biases, ctx.group_size, ctx.bits) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None, None, None
+
+
+torch.library.register_autograd("metalq::affine_qmm_t", _qmm_t_backward, setup_context=_setup_qmm_context)
+torch.library.register_autograd("metalq::affine_qmm_n", _qmm_n_backward, setup_context=_setup_qmm_context)
