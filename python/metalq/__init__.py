@@ -12,6 +12,9 @@ from .ops import (
     pack,
     unpack,
 )
+from .config import MetalConfig
+from .linear import MetalLinear
+from .quantize import dequantize_, quantize_, replace_with_metal_linear
 
 __all__ = [
     "affine_quantize",
@@ -20,4 +23,9 @@ __all__ = [
     "affine_qmm_n",
     "pack",
     "unpack",
+    "MetalConfig",
+    "MetalLinear",
+    "quantize_",
+    "dequantize_",
+    "replace_with_metal_linear",
 ]

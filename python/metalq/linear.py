@@ -1,0 +1,107 @@
+"""MetalLinear: an ``nn.Linear`` whose weight is stored MLX-affine-quantized, in transformers' Metal layout."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, check_format
+from .ops import affine_dequantize, affine_qmm_t, affine_quantize
+
+
+class MetalLinear(nn.Module):
+    """``y = x @ dequantize(weight).T + bias`` with a low-bit weight that is never materialised.
+
+    The state_dict is transformers' Metal layout, so its checkpoints load unchanged:
+    ``weight`` uint32 ``(out_features, in_features*bits/32)`` packed along in_features,
+    ``scales`` and ``qbiases`` ``(out_features, in_features/group_size)`` in a float dtype, and an
+    optional float ``bias``. The quantized tensors are frozen buffers (they follow ``.to()``, meta-device
+    construction and ``load_state_dict(assign=True)``); ``bias`` is a parameter, and gradients reach the
+    input, so adapters such as LoRA train on top of a frozen quantized base.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``; ``in_features`` must be divisible by ``group_size``.
+        bias: whether to hold a float bias.
+        bits, group_size: the quantization format (see :class:`metalq.MetalConfig`).
+        dtype: float dtype of ``scales``, ``qbiases`` and ``bias`` (default: torch's default dtype).
+        device: where to allocate; ``"meta"`` builds a shell for ``load_state_dict(..., assign=True)``.
+
+    Example:
+        >>> layer = MetalLinear.from_linear(nn.Linear(4096, 4096), bits=4, group_size=64)
+        >>> y = layer(torch.randn(2, 4096))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = DEFAULT_BITS,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        check_format("MetalLinear", bits, group_size)
+        if in_features % group_size:
+            raise ValueError(
+                f"MetalLinear: in_features={in_features} must be divisible by group_size={group_size}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = (out_features, in_features // group_size)
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features * bits // 32, dtype=torch.uint32, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
+        self.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "MetalLinear":
+        """Quantize ``linear.weight`` (bit-identical to ``mx.quantize``); scales keep the weight's dtype."""
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            dtype=weight.dtype,
+            device="meta",  # the buffers are replaced just below; skip allocating them twice
+        )
+        layer.weight, layer.scales, layer.qbiases = affine_quantize(weight, group_size, bits)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def dequantize(self) -> nn.Linear:
+        """A float ``nn.Linear`` holding ``scales * q + qbiases``, in the dtype and on the device of ``scales``."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            dtype=self.scales.dtype,
+            device="meta",  # parameters are assigned just below
+        )
+        weight = affine_dequantize(self.weight, self.scales, self.qbiases, self.group_size, self.bits)
+        linear.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel takes scales and biases in the activation dtype, as transformers' MetalLinear passes them
+        y = affine_qmm_t(
+            x, self.weight, self.scales.to(x.dtype), self.qbiases.to(x.dtype), self.group_size, self.bits
+        )
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )

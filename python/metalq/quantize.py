@@ -1,0 +1,209 @@
+"""Whole-model conversion: ``nn.Linear`` <-> :class:`MetalLinear`, torchao-style and transformers-style."""
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import MetalConfig
+from .linear import MetalLinear
+
+# ``quantize_``'s config: one MetalConfig for every layer, a mapping from module name (or pattern, or
+# "_default") to a MetalConfig or None, or a callable ``(module, fqn) -> MetalConfig | None``.
+ConfigSpec = Union[
+    MetalConfig,
+    Mapping[str, Optional[MetalConfig]],
+    Callable[[nn.Linear, str], Optional[MetalConfig]],
+]
+DEFAULT_KEY = "_default"  # torchao's ModuleFqnToConfig spelling for "every other layer"
+_PROGRESS_MIN_WEIGHTS = 1 << 27  # show a progress bar from ~130M weights on (seconds of work on CPU)
+
+
+def matches_module_name(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` names module ``name``: exactly, as a prefix ending at a module boundary
+    (``"model.layers.0"`` covers ``"model.layers.0.mlp.up_proj"`` but not ``"model.layers.01"``), or as a
+    suffix starting at one (``"lm_head"`` covers ``"model.lm_head"``)."""
+    pattern = pattern.strip(".")
+    return name == pattern or name.startswith(pattern + ".") or name.endswith("." + pattern)
+
+
+def _excluded(fqn: str, patterns: Optional[Iterable[str]]) -> bool:
+    return any(matches_module_name(fqn, p) for p in patterns or ())
+
+
+def quantize_(
+    model: nn.Module,
+    config: ConfigSpec = MetalConfig(),
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> None:
+    """Replace, in place, the ``nn.Linear`` layers of ``model`` by quantized :class:`MetalLinear` layers.
+
+    Args:
+        model: any module; its Linear submodules are converted (a bare Linear cannot be replaced in
+            place: use :meth:`MetalLinear.from_linear`).
+        config: a :class:`MetalConfig` for all layers; or per-layer overrides as a mapping from module name
+            or pattern (matched like ``modules_to_not_convert``; first match wins, ``"_default"`` for the
+            rest) to a MetalConfig or ``None`` (keep float); or a callable ``(module, fqn) -> MetalConfig | None``.
+            Each config's ``modules_to_not_convert`` is honoured.
+        filter_fn: ``(module, fqn) -> bool``; only Linear layers for which it returns True are converted.
+
+    Layers whose ``in_features`` is not divisible by their ``group_size`` stay float, named in one warning.
+    On error nothing is replaced: every layer is quantized before the first one is swapped in.
+
+    Example:
+        >>> metalq.quantize_(model, {"lm_head": MetalConfig(bits=8), "_default": MetalConfig(bits=4)})
+    """
+    config_for = _config_resolver(config)
+
+    def choose(module: nn.Linear, fqn: str) -> Optional[MetalConfig]:
+        if filter_fn is not None and not filter_fn(module, fqn):
+            return None
+        chosen = config_for(module, fqn)
+        if chosen is not None and chosen.dequantize:
+            raise ValueError("quantize_: MetalConfig(dequantize=True) is a loading option; use metalq.dequantize_")
+        return chosen
+
+    _convert_linears(model, choose, MetalLinear.from_linear, "quantize_")
+
+
+def replace_with_metal_linear(
+    model: nn.Module,
+    modules_to_not_convert: Optional[Iterable[str]] = None,
+    quantization_config: Union[MetalConfig, Mapping, None] = None,
+    pre_quantized: bool = False,
+) -> nn.Module:
+    """transformers' ``replace_with_metal_linear``: swap every ``nn.Linear`` not excluded for a MetalLinear.
+
+    Args:
+        model: the model, possibly on the meta device.
+        modules_to_not_convert: names kept float, in addition to the config's own list.
+        quantization_config: a :class:`MetalConfig` or its ``to_dict()`` form (default ``MetalConfig()``).
+            With ``dequantize=True`` nothing is replaced.
+        pre_quantized: True for layers ready to receive a Metal checkpoint (zero uint32 ``weight``,
+            ``scales``/``qbiases`` in the Linear's dtype, on the Linear's device, so ``meta`` stays ``meta``);
+            False to quantize the existing float weights.
+
+    Returns:
+        ``model``, modified in place.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = build_model()
+        >>> replace_with_metal_linear(model, quantization_config=config, pre_quantized=True)
+        >>> model.load_state_dict(checkpoint, assign=True)
+    """
+    if quantization_config is None:
+        quantization_config = MetalConfig()
+    elif isinstance(quantization_config, Mapping):
+        quantization_config = MetalConfig.from_dict(quantization_config)
+    if quantization_config.dequantize:
+        return model
+    excluded = [*(modules_to_not_convert or ()), *(quantization_config.modules_to_not_convert or ())]
+
+    def choose(module: nn.Linear, fqn: str) -> Optional[MetalConfig]:
+        return None if _excluded(fqn, excluded) else quantization_config
+
+    make = _empty_metal_linear if pre_quantized else MetalLinear.from_linear
+    if not _convert_linears(model, choose, make, "replace_with_metal_linear"):
+        warnings.warn("replace_with_metal_linear: no nn.Linear layer was converted", stacklevel=2)
+    return model
+
+
+def dequantize_(model: nn.Module) -> None:
+    """Replace, in place, every :class:`MetalLinear` of ``model`` by the float ``nn.Linear`` it encodes."""
+    targets = _find(model, lambda module, fqn: isinstance(module, MetalLinear), "dequantize_")
+    _swap(model, [(fqns, layer, layer.dequantize) for fqns, layer in targets], "dequantize_")
+
+
+# ---- internals --------------------------------------------------------------------------------------
+
+def _config_resolver(config: ConfigSpec) -> Callable[[nn.Linear, str], Optional[MetalConfig]]:
+    """Turn any accepted ``config`` into ``(module, fqn) -> MetalConfig | None``."""
+    if isinstance(config, MetalConfig):
+        by_layer = lambda module, fqn: config  # noqa: E731
+    elif isinstance(config, Mapping):
+        patterns = [(pattern, value) for pattern, value in config.items() if pattern != DEFAULT_KEY]
+        default = config.get(DEFAULT_KEY)
+
+        def by_layer(module, fqn):
+            return next((value for pattern, value in patterns if matches_module_name(fqn, pattern)), default)
+
+    elif callable(config):
+        by_layer = config
+    else:
+        raise TypeError(f"quantize_: config must be a MetalConfig, a mapping or a callable, got {type(config)}")
+
+    def resolve(module, fqn):
+        chosen = by_layer(module, fqn)
+        if chosen is not None and not isinstance(chosen, MetalConfig):
+            raise TypeError(f"quantize_: the config for {fqn!r} must be a MetalConfig or None, got {type(chosen)}")
+        return None if chosen is None or _excluded(fqn, chosen.modules_to_not_convert) else chosen
+
+    return resolve
+
+
+def _is_linear(module: nn.Module, fqn: str) -> bool:
+    # MultiheadAttention reads out_proj.weight directly, so its out_proj cannot be swapped
+    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _find(model: nn.Module, predicate, caller: str) -> list[tuple[list[str], nn.Module]]:
+    """Modules passing ``predicate``, each with every name it is reachable under (shared layers stay shared)."""
+    found: dict[int, tuple[list[str], nn.Module]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if predicate(module, fqn):
+            if not fqn:
+                raise ValueError(f"{caller}: the model itself is the layer to replace; convert it directly instead")
+            found.setdefault(id(module), ([], module))[0].append(fqn)
+    return list(found.values())
+
+
+def _convert_linears(model: nn.Module, choose, make, caller: str) -> int:
+    """Replace each Linear for which ``choose(module, fqn)`` gives a config by ``make(module, bits, group_size)``.
+
+    Returns the number of layers replaced.
+    """
+    plan, misfits = [], []
+    for fqns, linear in _find(model, _is_linear, caller):
+        config = choose(linear, fqns[0])
+        if config is None:
+            continue
+        if linear.in_features % config.group_size:
+            misfits.append(f"{fqns[0]} (in_features={linear.in_features}, group_size={config.group_size})")
+            continue
+        plan.append((fqns, linear, partial(make, linear, config.bits, config.group_size)))
+    if misfits:
+        warnings.warn(
+            f"{caller}: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
+            f"group_size: {', '.join(misfits)}",
+            stacklevel=3,
+        )
+    _swap(model, plan, caller)
+    return len(plan)
+
+
+def _swap(model: nn.Module, plan: list[tuple[list[str], nn.Module, Callable[[], nn.Module]]], caller: str) -> None:
+    """Run each ``(names, old_layer, build)`` build first, then swap all results in: an error leaves ``model``
+    untouched."""
+    total_weights = sum(old.in_features * old.out_features for _, old, _ in plan)
+    builds = tqdm(plan, desc=caller, unit="layer", disable=total_weights < _PROGRESS_MIN_WEIGHTS)
+    built = [(fqns, build()) for fqns, _, build in builds]
+    for fqns, new in built:
+        for fqn in fqns:
+            model.set_submodule(fqn, new)
+
+
+def _empty_metal_linear(linear: nn.Linear, bits: int, group_size: int) -> MetalLinear:
+    """A MetalLinear shell shaped like ``linear``, awaiting a pre-quantized checkpoint."""
+    return MetalLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        bits=bits,
+        group_size=group_size,
+        dtype=linear.weight.dtype,
+        device=linear.weight.device,
+    )
