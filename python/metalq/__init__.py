@@ -3,6 +3,8 @@
 Metal kernels on Apple-silicon GPUs (MPS) and fast vectorised kernels on CPU, for weights packed
 exactly as MLX and transformers' ``MetalConfig`` pack them.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers torch.ops.metalq.*)
 from .ops import (
     affine_dequantize,

@@ -189,7 +189,7 @@ def _swap(model: nn.Module, plan: list[tuple[list[str], nn.Module, Callable[[], 
     """Run each ``(names, old_layer, build)`` build first, then swap all results in: an error leaves ``model``
     untouched."""
     total_weights = sum(old.in_features * old.out_features for _, old, _ in plan)
-    builds = tqdm(plan, desc=caller, unit="layer", disable=total_weights < _PROGRESS_MIN_WEIGHTS)
+    builds = tqdm(plan, desc=caller, unit="layer", leave=False, disable=total_weights < _PROGRESS_MIN_WEIGHTS)
     built = [(fqns, build()) for fqns, _, build in builds]
     for fqns, new in built:
         for fqn in fqns:
