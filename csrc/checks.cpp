@@ -94,6 +94,7 @@ c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
   TORCH_CHECK_VALUE(wq.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K*bits/32), but it has ",
                     wq.dim(), ".");
   c10::SymInt K = wq.sym_size(-1) * 32 / bits;
+  TORCH_CHECK_VALUE(K * bits == wq.sym_size(-1) * 32 && K % group_size == 0, "[", op, "] w of shape ", shape_str(wq), " holds ", wq.sym_size(-1), " uint32 words per row, which is not a whole number of groups of ", group_size, " ", bits, "-bit values.");
   auto expected = wq.sym_sizes().vec();
   expected.back() = K / group_size;
   TORCH_CHECK_VALUE(scales.sym_sizes() == c10::SymIntArrayRef(expected), "[", op, "] w of shape ", shape_str(wq),
