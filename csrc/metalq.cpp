@@ -1,11 +1,45 @@
-// The metalq operator library: every schema, and the Python module that loads it.
-#include <Python.h>
+// The metalq operator library: every schema, and the Python module metalq._C. Importing the module
+// runs the static registrations; it also exposes the DispatchPlan, so tests can run an op "as the
+// Mac would" through the Metal emulator on any platform.
+#include <torch/extension.h>
 #include <torch/library.h>
 
-// Importing metalq._C runs the static registrations below; the module itself is empty.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+#include "checks.h"
+#include "plan.h"
+
+namespace {
+
+py::dict plan_to_python(const metalq::DispatchPlan& plan) {
+  py::list buffers, bytes;
+  for (const auto& b : plan.buffers) buffers.append(py::make_tuple(b.index, b.tensor));
+  for (const auto& b : plan.bytes)
+    bytes.append(py::make_tuple(b.index, py::bytes(reinterpret_cast<const char*>(b.bytes.data()), b.bytes.size())));
+  py::dict d;
+  d["kernel"] = plan.kernel;
+  d["threadgroups"] = py::make_tuple(plan.threadgroups[0], plan.threadgroups[1], plan.threadgroups[2]);
+  d["threads_per_threadgroup"] = py::make_tuple(plan.threads_per_threadgroup[0], plan.threads_per_threadgroup[1],
+                                                plan.threads_per_threadgroup[2]);
+  d["buffers"] = buffers;
+  d["bytes"] = bytes;
+  d["threadgroup_memory"] = plan.threadgroup_memory;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.def("kernel_name", &metalq::kernel_name, "Host name of a Metal kernel (metal/quantized.metal).");
+  // Each plan_* validates like the op, then plans the dispatch for caller-allocated contiguous outputs.
+  m.def("plan_affine_quantize", [](const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
+                                   const at::Tensor& biases, int64_t group_size, int64_t bits) {
+    metalq::check_affine_quantize(w, group_size, bits);
+    return plan_to_python(metalq::plan_affine_quantize(w, wq, scales, biases, group_size, bits));
+  });
+  m.def("plan_affine_dequantize", [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                     const at::Tensor& out, int64_t group_size, int64_t bits) {
+    metalq::check_affine_dequantize(wq, scales, biases, group_size, bits);
+    return plan_to_python(metalq::plan_affine_dequantize(wq, scales, biases, out, group_size, bits));
+  });
 }
 
 TORCH_LIBRARY(metalq, m) {

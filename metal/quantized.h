@@ -1,0 +1,175 @@
+// Affine quantization kernels in MLX's format: helpers -> *_impl templates -> thin [[kernel]]
+// entries. quantized.metal instantiates them; metalq's DispatchPlan (csrc/plan.cpp) picks one and
+// its geometry. The packed format is an LSB-first bitstream of `bits`-bit values, 32/bits per word.
+#pragma once
+
+#include <metal_stdlib>
+
+#include "params.h"
+
+using namespace metal;
+
+#define METAL_FUNC inline __attribute__((always_inline))
+
+namespace metalq {
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+// Threads pack and unpack whole units (params.h): a word for 1/2/4/8 bits, else bytes one by one,
+// because 3/5/6-bit units are not word-aligned.
+template <int bits>
+constexpr int unit_bytes() {
+  static_assert(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
+                "unsupported bit width");
+  return pack_unit_bytes(bits);
+}
+
+template <int bits>
+constexpr int unit_values() { return unit_bytes<bits>() * 8 / bits; }
+
+template <int bits>
+METAL_FUNC ulong load_unit(const device uint8_t* packed) {
+  if (unit_bytes<bits>() == 4) {
+    return *reinterpret_cast<const device uint32_t*>(packed);
+  }
+  ulong unit = 0;
+  for (int i = 0; i < unit_bytes<bits>(); ++i) {
+    unit |= ulong(packed[i]) << (8 * i);
+  }
+  return unit;
+}
+
+template <int bits>
+METAL_FUNC void store_unit(device uint8_t* packed, ulong unit) {
+  if (unit_bytes<bits>() == 4) {
+    *reinterpret_cast<device uint32_t*>(packed) = uint32_t(unit);
+    return;
+  }
+  for (int i = 0; i < unit_bytes<bits>(); ++i) {
+    packed[i] = uint8_t(unit >> (8 * i));
+  }
+}
+
+struct GroupParams {
+  float scale;
+  float bias;
+};
+
+// MLX's CPU quantization rule, so results are bit-identical to mx.quantize: from the group's true
+// min and max, the extreme of larger magnitude becomes the bias (q = 0 exactly) and the scale is
+// nudged so that 0.0 falls on an integer level; 1-bit groups span [min, max] directly.
+template <int bits>
+METAL_FUNC GroupParams affine_group_params(float w_min, float w_max) {
+  const float eps = kQuantizeEps;
+  if (bits == 1) {
+    return {max(w_max - w_min, eps), w_min};
+  }
+  const float n_bins = float((1 << bits) - 1);
+  float scale = max(precise::divide(w_max - w_min, n_bins), eps);
+  const bool min_is_edge = abs(w_min) > abs(w_max);
+  scale = min_is_edge ? scale : -scale;
+  const float edge = min_is_edge ? w_min : w_max;
+  const float q0 = rint(precise::divide(edge, scale));
+  if (q0 == 0.0f) {
+    return {scale, 0.0f};
+  }
+  return {precise::divide(edge, q0), edge};
+}
+
+// w = scale * q + bias with MLX's roundings: the product, then the sum, each rounded to T once.
+// (q < 256 and T has at most 24 mantissa bits, so the float product is exact before rounding.)
+template <typename T>
+METAL_FUNC T dequantize_value(uint q, T scale, T bias) {
+  const T product = T(float(q) * float(scale));
+  return T(float(product) + float(bias));
+}
+
+// ---- implementations ----------------------------------------------------------------------------
+
+// One group: reads its group_size values once, writes its packed bytes, its scale and its bias.
+template <typename T, int group_size, int bits>
+METAL_FUNC void affine_quantize_impl(const device T* w, device uint8_t* packed, device T* scale, device T* bias) {
+  static_assert(group_size % unit_values<bits>() == 0, "a group must fill whole units");
+  float values[group_size];
+  values[0] = float(w[0]);
+  float w_min = values[0], w_max = values[0];
+  for (int i = 1; i < group_size; ++i) {
+    values[i] = float(w[i]);
+    // The same selects as std::min / std::max, so a signed zero extreme matches the CPU op.
+    w_min = values[i] < w_min ? values[i] : w_min;
+    w_max = w_max < values[i] ? values[i] : w_max;
+  }
+  const GroupParams p = affine_group_params<bits>(w_min, w_max);
+  const float n_bins = float((1 << bits) - 1);
+  constexpr int per_unit = unit_values<bits>();
+  for (int u = 0; u < group_size / per_unit; ++u) {
+    ulong unit = 0;
+    for (int i = 0; i < per_unit; ++i) {
+      const float q = clamp(rint(precise::divide(values[u * per_unit + i] - p.bias, p.scale)), 0.0f, n_bins);
+      unit |= ulong(q) << (bits * i);
+    }
+    store_unit<bits>(packed + u * unit_bytes<bits>(), unit);
+  }
+  *scale = T(p.scale);
+  *bias = T(p.bias);
+}
+
+// One unit: unpacks its values and writes them dequantized.
+template <typename T, int bits>
+METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T bias, device T* out) {
+  const ulong unit = load_unit<bits>(packed);
+  const uint mask = (1u << bits) - 1;
+  for (int i = 0; i < unit_values<bits>(); ++i) {
+    out[i] = dequantize_value(uint(unit >> (bits * i)) & mask, scale, bias);
+  }
+}
+
+// The flat index of this thread in a grid that may wrap into y (see ElementwiseParams).
+METAL_FUNC ulong work_item(uint2 position, uint2 grid) { return ulong(position.y) * grid.x + position.x; }
+
+}  // namespace metalq
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+// One thread per group. Rows are contiguous and K % group_size == 0, so the groups of all rows form
+// one flat sequence: thread g reads w[g*gs, (g+1)*gs) and writes bytes [g*gs*bits/8, (g+1)*gs*bits/8)
+// of wq plus scales[g], biases[g]. E.g. half 4096x4096 at gs 64, 4 bits: 262144 threads in 1024
+// threadgroups of 256, each reading 128 B and writing 32 + 2 + 2 B.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_quantize(
+    const device T* w [[buffer(0)]],
+    device uint8_t* wq [[buffer(1)]],
+    device T* scales [[buffer(2)]],
+    device T* biases [[buffer(3)]],
+    constant metalq::ElementwiseParams& params [[buffer(4)]],
+    uint2 position [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  const ulong g = metalq::work_item(position, grid);
+  if (g >= params.work_items) {
+    return;
+  }
+  metalq::affine_quantize_impl<T, group_size, bits>(
+      w + g * group_size, wq + g * (group_size * bits / 8), scales + g, biases + g);
+}
+
+// One thread per unit (see pack_unit_bytes): thread u reads bytes [u*B, (u+1)*B) of wq and its group's
+// scale and bias, and writes out[u*V, (u+1)*V), with B bytes and V values per unit (4-bit: B=4, V=8;
+// 3-bit: B=3, V=8). Groups are whole units, so a unit never spans two groups.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_dequantize(
+    const device uint8_t* wq [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    device T* out [[buffer(3)]],
+    constant metalq::ElementwiseParams& params [[buffer(4)]],
+    uint2 position [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  const ulong u = metalq::work_item(position, grid);
+  if (u >= params.work_items) {
+    return;
+  }
+  constexpr int per_unit = metalq::unit_values<bits>();
+  const ulong g = u * per_unit / group_size;
+  metalq::affine_dequantize_impl<T, bits>(
+      wq + u * metalq::unit_bytes<bits>(), scales[g], biases[g], out + u * per_unit);
+}

@@ -1,0 +1,172 @@
+"""Runs the project's Metal kernels on the CPU with Metal's execution model (test infrastructure).
+
+A .metal file is preprocessed, rewritten (rewrite.py) and compiled as C++ by clang-19 against the
+shim include/msl_emu.h, where Metal address spaces are clang address spaces, half/bfloat round after
+every operation and device-memory accesses are traced. The result is linked with runtime.cpp (one
+fiber per Metal thread) into a shared library, cached by content hash, and driven through ctypes.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .rewrite import rewrite
+
+CLANG = os.environ.get("METALQ_EMULATOR_CLANG", "clang++-19")
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalq-emulator"
+ORDERS = {"forward": 0, "reverse": 1, "random": 2}
+
+_CXXFLAGS = [
+    "-std=c++17", "-O2", "-fPIC", "-fno-fast-math", "-ffp-contract=off",
+    # half and bfloat round after every operation, as on the GPU
+    "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
+    "-Wall", "-Wno-unknown-attributes", "-Wno-duplicate-decl-specifier", "-Wno-unused-function",
+]
+# Every load and store of kernel code calls the runtime, which counts those hitting a bound buffer.
+_TRACE = ["-fsanitize-coverage=edge,trace-loads,trace-stores"]
+
+
+class BuildError(RuntimeError):
+    """clang rejected a .metal file; the message holds its diagnostics (with .metal file:line)."""
+
+
+class EmulatorError(RuntimeError):
+    """A dispatch broke a Metal rule (divergent barrier, inactive-lane read, limits, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Device-memory bytes of one buffer binding in one dispatch."""
+
+    read: int
+    written: int
+    distinct_read: int
+    distinct_written: int
+
+
+def available() -> bool:
+    return shutil.which(CLANG) is not None
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise BuildError(proc.stderr)
+    return proc.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def _clang_version() -> str:
+    return _run([CLANG, "--version"])
+
+
+def _cached(name: str, key: str, build) -> Path:
+    """CACHE/name-<hash of key>, built by build(tmp_path) on a miss and renamed atomically."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / name.format(hashlib.sha256(key.encode()).hexdigest()[:20])
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=path.suffix)
+        os.close(fd)
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def _runtime_object() -> Path:
+    source = HERE / "runtime.cpp"
+    key = source.read_text() + (HERE / "include" / "msl_emu_abi.h").read_text() + _clang_version() + str(_CXXFLAGS)
+    return _cached("runtime-{}.o", key, lambda out: _run(
+        [CLANG, *_CXXFLAGS, "-I", str(HERE / "include"), "-c", str(source), "-o", out]))
+
+
+def translate(metal: Path, include_dirs=(), defines=()) -> tuple[str, list[str]]:
+    """The C++ the emulator compiles for `metal`, and the kernel names it registers."""
+    preprocessed = _run(
+        [CLANG, "-E", "-x", "c++", "-std=c++17", "-D__METAL__", "-D__METAL_VERSION__=310",
+         "-I", str(HERE / "stub"), *(f"-I{d}" for d in include_dirs), *(f"-D{d}" for d in defines), str(metal)])
+    return rewrite(preprocessed)
+
+
+def build(metal: Path, include_dirs=(), defines=()) -> Path:
+    """Compiles `metal` into a kernel library (cached); raises BuildError with clang's diagnostics."""
+    source, _ = translate(Path(metal), include_dirs, defines)
+    shim = "".join(p.read_text() for p in sorted((HERE / "include").iterdir()))
+    runtime = _runtime_object()
+
+    def compile_and_link(out: str) -> None:
+        cpp = Path(out).with_suffix(".cpp")
+        cpp.write_text(source)
+        try:
+            _run([CLANG, *_CXXFLAGS, *_TRACE, "-I", str(HERE / "include"), "-shared", "-Wl,-z,defs",
+                  str(cpp), str(runtime), "-o", out])
+        finally:
+            cpp.unlink()
+
+    return _cached(Path(metal).stem + "-{}.so", source + shim + str(runtime) + str(_TRACE), compile_and_link)
+
+
+@functools.lru_cache(maxsize=None)
+def load(metal: Path, include_dirs=(), defines=()) -> "Library":
+    return Library(build(Path(metal), include_dirs, defines))
+
+
+class Library:
+    """A compiled kernel library: dispatches its kernels on CPU memory."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        lib.msl_emu_kernel_name.restype = ctypes.c_char_p
+        lib.msl_emu_dispatch.restype = ctypes.c_int
+        self._lib = lib
+        self.kernels = frozenset(lib.msl_emu_kernel_name(i).decode() for i in range(lib.msl_emu_kernel_count()))
+
+    def dispatch(self, kernel: str, threadgroups, threads_per_threadgroup, buffers: dict, threadgroup_memory=None,
+                 order: str = "forward", seed: int = 0) -> dict[int, Traffic]:
+        """dispatchThreadgroups(threadgroups, threads_per_threadgroup) with buffers {index: tensor or bytes}.
+
+        Tensors must be contiguous CPU tensors (used in place); bytes are copied as setBytes does.
+        Returns the device-memory traffic of each buffer index.
+        """
+        keep_alive, pointers, sizes = [], [], []
+        for value in buffers.values():
+            if isinstance(value, (bytes, bytearray)):
+                data = ctypes.create_string_buffer(bytes(value), len(value))
+                keep_alive.append(data)
+                pointers.append(ctypes.cast(data, ctypes.c_void_p))
+                sizes.append(len(value))
+            else:
+                if not value.is_contiguous() or value.device.type != "cpu":
+                    raise ValueError("the emulator binds contiguous CPU tensors")
+                pointers.append(ctypes.c_void_p(value.data_ptr()))
+                sizes.append(value.numel() * value.element_size())
+        n = len(buffers)
+        tg = threadgroup_memory or {}
+        traffic = (ctypes.c_uint64 * (4 * n))()
+        error = ctypes.create_string_buffer(1024)
+        rc = self._lib.msl_emu_dispatch(
+            kernel.encode(), (ctypes.c_uint32 * 3)(*threadgroups), (ctypes.c_uint32 * 3)(*threads_per_threadgroup),
+            n, (ctypes.c_int * n)(*buffers), (ctypes.c_void_p * n)(*pointers), (ctypes.c_uint64 * n)(*sizes),
+            len(tg), (ctypes.c_int * len(tg))(*tg), (ctypes.c_uint32 * len(tg))(*tg.values()),
+            ORDERS[order], ctypes.c_uint64(seed), traffic, error, ctypes.c_size_t(len(error)))
+        if rc:
+            raise EmulatorError(error.value.decode())
+        return {index: Traffic(*traffic[4 * i:4 * i + 4]) for i, index in enumerate(buffers)}
+
+    def run(self, plan: dict, order: str = "forward", seed: int = 0) -> dict[int, Traffic]:
+        """Encodes a DispatchPlan (metalq._C.plan_*) exactly as the Mac encoder does and runs it."""
+        buffers = {index: tensor for index, tensor in plan["buffers"]}
+        buffers.update({index: data for index, data in plan["bytes"]})
+        return self.dispatch(plan["kernel"], plan["threadgroups"], plan["threads_per_threadgroup"], buffers,
+                             dict(plan["threadgroup_memory"]), order, seed)

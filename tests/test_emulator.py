@@ -1,0 +1,180 @@
+"""Self-tests of the Metal emulator (tests/emulator): compile-time address-space checks, the
+scheduler (barriers, SIMD-group functions, simdgroup_matrix), Metal's rules and the byte counters.
+The oracles are numpy and hand-derived Metal semantics, never the emulator itself."""
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import emulator
+from conftest import require
+
+SELFTEST = Path(__file__).parent / "emulator" / "kernels" / "selftest.metal"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    return emulator.load(SELFTEST)
+
+
+# ---- compile-time checks ---------------------------------------------------------------------------
+
+_PASSES_THREADGROUP_AS_DEVICE = """#include <metal_stdlib>
+using namespace metal;
+void consume(device float* p) { p[0] = 1.0f; }
+[[kernel]] void k(device float* out [[buffer(0)]], uint i [[thread_index_in_threadgroup]]) {
+  threadgroup float staged[32];
+  consume(@);
+  out[i] = staged[i];
+}
+"""
+_WRITES_CONSTANT = """#include <metal_stdlib>
+using namespace metal;
+[[kernel]] void k(@ float* c [[buffer(0)]], uint i [[thread_index_in_threadgroup]]) {
+  c[i] = 1.0f;
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "template, wrong, right, line, message",
+    [
+        (_PASSES_THREADGROUP_AS_DEVICE, "staged", "out", 6, "no matching function"),
+        (_WRITES_CONSTANT, "constant", "device", 4, "read-only variable is not assignable"),
+    ],
+    ids=["threadgroup-pointer-as-device", "write-to-constant"],
+)
+def test_address_space_misuse_fails_to_compile(tmp_path, template, wrong, right, line, message):
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    bad = tmp_path / "bad.metal"
+    bad.write_text(template.replace("@", wrong))
+    with pytest.raises(emulator.BuildError) as err:
+        emulator.build(bad)
+    assert f"bad.metal:{line}:" in str(err.value) and message in str(err.value)
+    good = tmp_path / "good.metal"  # the same file, corrected, compiles: the failure was the misuse
+    good.write_text(template.replace("@", right))
+    assert emulator.build(good).exists()
+
+
+def test_builds_are_cached():
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    first = emulator.build(SELFTEST)
+    mtime = first.stat().st_mtime_ns
+    assert emulator.build(SELFTEST) == first and first.stat().st_mtime_ns == mtime
+
+
+# ---- scheduling and synchronisation ----------------------------------------------------------------
+
+def _neighbour(lib, shift, synchronized, order, n=64):
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.full((n,), -1.0)
+    lib.dispatch("neighbour", (1, 1, 1), (n, 1, 1), {0: x, 1: out, 2: struct.pack("ii", shift, synchronized)},
+                 order=order)
+    return out, torch.roll(x, -shift)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+@pytest.mark.parametrize("shift", [1, -1])
+def test_barrier_orders_threadgroup_memory(lib, order, shift):
+    out, expected = _neighbour(lib, shift, True, order)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shift, order", [(1, "forward"), (-1, "reverse")])
+def test_missing_barrier_is_caught(lib, shift, order):
+    # Reading a thread that has not run yet yields the NaN poison of fresh threadgroup memory; each
+    # direction of the race needs the thread order that runs the reader first, hence two orders.
+    out, _ = _neighbour(lib, shift, False, order)
+    assert torch.isnan(out).sum() >= 63
+
+
+def test_dynamic_threadgroup_memory(lib):
+    x = torch.arange(64, dtype=torch.float32)
+    out = torch.zeros(64)
+    lib.dispatch("neighbour_dynamic", (1, 1, 1), (64, 1, 1), {0: x, 1: out}, threadgroup_memory={0: 256})
+    assert torch.equal(out, torch.roll(x, -1))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+def test_simd_functions_match_numpy(lib, order):
+    n, active = 96, 11
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    out = torch.full((n, 8), -7.0)
+    lib.dispatch("simd_functions", (1, 1, 1), (n, 1, 1), {0: x, 1: out, 2: struct.pack("I", active)}, order=order)
+    v = x.numpy().astype(np.float64).reshape(-1, 32)
+    lane = np.arange(32)
+    got = out.numpy().reshape(-1, 32, 8)
+    np.testing.assert_allclose(got[..., 0], np.repeat(v.sum(1, keepdims=True), 32, 1), rtol=1e-5)
+    np.testing.assert_array_equal(got[..., 1], np.repeat(v.max(1, keepdims=True), 32, 1))
+    np.testing.assert_array_equal(got[..., 2], v[:, lane * 7 % 32])
+    np.testing.assert_array_equal(got[..., 3], v[:, np.where(lane + 3 < 32, lane + 3, lane)])
+    np.testing.assert_array_equal(got[..., 4], v[:, np.where(lane >= 5, lane - 5, lane)])
+    np.testing.assert_array_equal(got[..., 5], v[:, lane ^ 6])
+    np.testing.assert_array_equal(got[..., 6], np.repeat(v[:, 9:10], 32, 1))
+    # Only lanes < active took part in the second simd_sum; the others kept the -7 sentinel.
+    np.testing.assert_allclose(got[:, :active, 7], np.repeat(v[:, :active].sum(1, keepdims=True), active, 1),
+                               rtol=1e-5)
+    assert (got[:, active:, 7] == -7.0).all()
+
+
+@pytest.mark.parametrize("dtype, name, rtol", [(torch.float32, "float", 1e-5), (torch.float16, "half", 2e-2)])
+def test_simdgroup_matrix_matches_numpy(lib, dtype, name, rtol):
+    M, K, N = 24, 32, 40
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(M, K, generator=g).to(dtype), torch.randn(K, N, generator=g).to(dtype)
+    c = torch.full((M, N), float("nan"), dtype=dtype)
+    traffic = lib.dispatch(f"matmul_8x8_{name}", (N // 8, M // 8, 1), (32, 1, 1),
+                           {0: a, 1: b, 2: c, 3: struct.pack("4I", M, K, N, 0)}, order="reverse")
+    expected = a.double().numpy() @ b.double().numpy()
+    np.testing.assert_allclose(c.double().numpy(), expected, rtol=rtol, atol=rtol * 4)
+    # Each output tile reads a row block of A and a column block of B: A is read N/8 times, B M/8 times.
+    size = dtype.itemsize
+    assert traffic[0] == emulator.Traffic(M * K * size * N // 8, 0, M * K * size, 0)
+    assert traffic[1] == emulator.Traffic(K * N * size * M // 8, 0, K * N * size, 0)
+    assert traffic[2] == emulator.Traffic(0, M * N * size, 0, M * N * size)
+
+
+def test_half_and_bfloat_round_every_operation(lib):
+    # 2048 + 1 rounds back to 2048 in half (ties to even), and 256 + 1 to 256 in bfloat: twice.
+    x = torch.tensor([2048.0, 256.0])
+    lib.dispatch("add_one_twice", (1, 1, 1), (2, 1, 1), {0: x})
+    assert x.tolist() == [2048.0, 256.0]
+
+
+# ---- Metal's rules are errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kernel, threads, message",
+    [
+        ("divergent_barrier", 64, "is not reached by thread 16, which returned"),
+        ("return_before_barrier", 64, "not reached by thread 3, which returned"),
+        ("inactive_lane_read", 32, "reads an inactive lane at"),
+        ("threadgroup_memory_over_limit", 64, "threadgroup memory exceeds 32768 bytes"),
+        ("out_of_bounds", 65, "out-of-bounds access: 4 bytes at offset 256 of a 256-byte buffer"),
+        ("out_of_bounds", 1025, "threads per threadgroup must be 1..1024"),
+    ],
+)
+def test_rule_violations_are_errors(lib, kernel, threads, message):
+    with pytest.raises(emulator.EmulatorError, match=message):
+        lib.dispatch(kernel, (1, 1, 1), (threads, 1, 1), {0: torch.zeros(64)})
+
+
+def test_errors_name_the_metal_line(lib):
+    lines = SELFTEST.read_text().splitlines()
+    kernel = next(i for i, text in enumerate(lines) if "void divergent_barrier" in text)
+    barrier = next(i for i in range(kernel, len(lines)) if "threadgroup_barrier" in lines[i]) + 1
+    with pytest.raises(emulator.EmulatorError, match=f"selftest.metal:{barrier} is not reached"):
+        lib.dispatch("divergent_barrier", (1, 1, 1), (64, 1, 1), {0: torch.zeros(64)})
+
+
+def test_traffic_counts_each_binding(lib):
+    out, _ = _neighbour(lib, 1, True, "forward", n=128)
+    x = torch.arange(128, dtype=torch.float32)
+    params = struct.pack("ii", 1, 1)
+    traffic = lib.dispatch("neighbour", (1, 1, 1), (128, 1, 1), {0: x, 1: out, 2: params})
+    assert traffic[0] == emulator.Traffic(512, 0, 512, 0)
+    assert traffic[1] == emulator.Traffic(0, 512, 0, 512)
+    assert traffic[2] == emulator.Traffic(128 * 8, 0, 8, 0)  # every thread reads both fields
