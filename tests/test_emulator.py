@@ -120,6 +120,17 @@ def test_simd_functions_match_numpy(lib, order):
     assert (got[:, active:, 7] == -7.0).all()
 
 
+def test_simdgroup_matrix_lane_layout(lib):
+    # MLX's steel MMA (BaseMMAFrag::get_coord) assumes lane l holds (row, col) and (row, col + 1) with
+    # q = l // 4, row = (q & 4) + (l // 2) % 4, col = (q & 2) * 2 + (l % 2) * 2.
+    out = torch.zeros(64)
+    lib.dispatch("simdgroup_layout", (1, 1, 1), (32, 1, 1), {0: torch.arange(64, dtype=torch.float32), 1: out})
+    lane = np.arange(32)
+    q = lane // 4
+    first = ((q & 4) + (lane // 2) % 4) * 8 + (q & 2) * 2 + (lane % 2) * 2
+    np.testing.assert_array_equal(out.numpy().reshape(32, 2), np.stack([first, first + 1], 1))
+
+
 @pytest.mark.parametrize("dtype, name, rtol", [(torch.float32, "float", 1e-5), (torch.float16, "half", 2e-2)])
 def test_simdgroup_matrix_matches_numpy(lib, dtype, name, rtol):
     M, K, N = 24, 32, 40

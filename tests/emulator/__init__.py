@@ -56,8 +56,8 @@ def available() -> bool:
     return shutil.which(CLANG) is not None
 
 
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], cwd=None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode:
         raise BuildError(proc.stderr)
     return proc.stdout
@@ -92,10 +92,16 @@ def _runtime_object() -> Path:
 
 
 def translate(metal: Path, include_dirs=(), defines=()) -> tuple[str, list[str]]:
-    """The C++ the emulator compiles for `metal`, and the kernel names it registers."""
+    """The C++ the emulator compiles for `metal`, and the kernel names it registers.
+
+    Preprocessed from the file's own directory, so diagnostics name `file.metal:line` and the cache
+    key does not depend on where the file lives.
+    """
+    metal = Path(metal).resolve()
     preprocessed = _run(
         [CLANG, "-E", "-x", "c++", "-std=c++17", "-D__METAL__", "-D__METAL_VERSION__=310",
-         "-I", str(HERE / "stub"), *(f"-I{d}" for d in include_dirs), *(f"-D{d}" for d in defines), str(metal)])
+         "-I", str(HERE / "stub"), *(f"-I{Path(d).resolve()}" for d in include_dirs), *(f"-D{d}" for d in defines),
+         metal.name], cwd=metal.parent)
     return rewrite(preprocessed)
 
 

@@ -11,6 +11,7 @@ the .metal source) and changes only what plain C++ cannot express:
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 _BUILTINS = {
@@ -91,12 +92,10 @@ def rewrite(source: str) -> tuple[str, list[str]]:
     text = "".join(out)
 
     names: list[str] = []
-    registrations: list[str] = []
+    serial = itertools.count()  # unique C++ identifiers for the generated statements
 
     def register(name: str, function: str, instance: str) -> str:
-        n = len(registrations)
-        table = tables[function]
-        registrations.append(name)
+        n, table = next(serial), tables[function]
         return (
             f"static constexpr ::msl_emu::Param msl_emu_params_{n}[] = {{{', '.join(table)}}}; "
             f"static_assert(::msl_emu::arity(&{instance}) == {len(table)}); "
@@ -124,13 +123,11 @@ def rewrite(source: str) -> tuple[str, list[str]]:
     suffix = "".join(register(f'"{k}"', k, k) for k in plain)
     names += plain
 
-    site = iter(range(1 << 30))
-
     def threadgroup_reference(m: re.Match) -> str:
         type_, name, dims = m.group(1), m.group(2), m.group(3)
         return (
             f"threadgroup {type_} (&{name}){dims} = *(threadgroup {type_} (*){dims})"
-            f"msl_emu_threadgroup_alloc({next(site)}, sizeof({type_}{dims}), alignof({type_}));"
+            f"msl_emu_threadgroup_alloc({next(serial)}, sizeof({type_}{dims}), alignof({type_}));"
         )
 
     text = _THREADGROUP_DECL.sub(threadgroup_reference, text)

@@ -70,6 +70,17 @@ template <typename T>
   simdgroup_store(acc, c, N, ulong2{group.x * 8, group.y * 8});
 }
 
+// out[2 * lane + e] = element e of this lane's share of the 8x8 matrix in (row-major values 0..63).
+[[kernel]] void simdgroup_layout(
+    const device float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_matrix<float, 8, 8> m;
+  simdgroup_load(m, in);
+  out[2 * lane] = m.thread_elements()[0];
+  out[2 * lane + 1] = m.thread_elements()[1];
+}
+
 #define instantiate_kernel(name, func, ...) \
   template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 instantiate_kernel("matmul_8x8_float", matmul_8x8, float)
