@@ -10,7 +10,6 @@ namespace metalq::cpu {
 namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
-namespace avx512 { const KernelTable& table(); }
 #endif
 
 namespace {
@@ -18,18 +17,14 @@ namespace {
 const KernelTable& best_table() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
   if (const char* forced = std::getenv("METALQ_CPU_ISA")) {
     std::string isa(forced);
     if (isa == "generic") return generic::table();
     if (isa == "avx2" && has_avx2) return avx2::table();
-    if (isa == "avx512" && has_avx512) return avx512::table();
-    throw std::runtime_error("METALQ_CPU_ISA=" + isa + " is not one of generic, avx2, avx512 supported by this CPU");
+    throw std::runtime_error("METALQ_CPU_ISA=" + isa + " is not one of generic, avx2 supported by this CPU");
   }
-  if (has_avx512) return avx512::table();
   if (has_avx2) return avx2::table();
 #endif
   return generic::table();

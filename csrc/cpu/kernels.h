@@ -1,6 +1,6 @@
 // CPU kernels for the affine format, behind a table picked once by the CPU's instruction set.
 // Torch-free on purpose: each instruction-set variant compiles the same templates (kernels_impl.h)
-// in its own translation unit and namespace, so no inline code built for AVX-512 can leak into a
+// in its own translation unit and namespace, so no inline code built for AVX2 can leak into a
 // path that runs on an older CPU.
 #pragma once
 
@@ -22,7 +22,9 @@ struct PackedMatrix {
   int bits;
   int group_size;
   int64_t row_bytes() const { return cols * bits / 8; }
+  const uint8_t* end() const { return w + rows * row_bytes(); }
   int64_t groups_per_row() const { return cols / group_size; }
+  int group_shift() const { return __builtin_ctz(unsigned(group_size)); }  // group sizes are powers of two
 };
 
 struct KernelTable {
@@ -43,7 +45,7 @@ inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
   return M * (W.cols + W.groups_per_row());
 }
 
-// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512 forces a variant.
+// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2 forces a variant.
 const KernelTable& kernels();
 
 }  // namespace metalq::cpu

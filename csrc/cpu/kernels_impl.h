@@ -1,9 +1,9 @@
 // Templates behind KernelTable, compiled once per instruction set. The including file defines
-//   METALQ_ISA     namespace of this variant (generic, avx2, avx512)
+//   METALQ_ISA     namespace of this variant (generic, avx2)
 //   METALQ_VW      float lanes per vector (8 or 16)
 //   METALQ_TARGET  compiler target string, or leaves it undefined for the baseline.
 // Only standard headers are included, and before the target region: inline code of a third-party
-// header compiled here for AVX-512 could otherwise be picked by the linker for every caller.
+// header compiled here for AVX2 could otherwise be picked by the linker for every caller.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -11,11 +11,12 @@
 
 #include "kernels.h"
 
-#if defined(METALQ_TARGET) && defined(__clang__)
-#pragma clang attribute push(__attribute__((target(METALQ_TARGET))), apply_to = function)
-#elif defined(METALQ_TARGET)
-#pragma GCC push_options
-#pragma GCC target(METALQ_TARGET)
+// Every function below carries the variant's target attribute (a `#pragma GCC target` region does
+// not reliably reach template instantiations).
+#ifdef METALQ_TARGET
+#define METALQ_FN __attribute__((target(METALQ_TARGET)))
+#else
+#define METALQ_FN
 #endif
 
 namespace metalq::cpu::METALQ_ISA {
@@ -28,16 +29,16 @@ typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
 typedef uint8_t bytes_in __attribute__((vector_size(16)));
 typedef uint8_t bytes_lane __attribute__((vector_size(VW * 4)));
 
-inline fvec splat(float v) { return fvec{} + v; }
+METALQ_FN inline fvec splat(float v) { return fvec{} + v; }
 
-inline float hsum(fvec v) {
+METALQ_FN inline float hsum(fvec v) {
   float s = 0.f;
   for (int j = 0; j < VW; ++j) s += v[j];
   return s;
 }
 
 template <ScalarKind K>
-inline float to_float(const void* p, int64_t i) {
+METALQ_FN inline float to_float(const void* p, int64_t i) {
   if constexpr (K == ScalarKind::f32) {
     return static_cast<const float*>(p)[i];
   } else if constexpr (K == ScalarKind::bf16) {
@@ -51,7 +52,7 @@ inline float to_float(const void* p, int64_t i) {
 }
 
 // Value k of a packed row, read bytewise so that no byte past the row is touched.
-inline uint32_t extract(const uint8_t* row, int64_t k, int bits) {
+METALQ_FN inline uint32_t extract(const uint8_t* row, int64_t k, int bits) {
   int64_t bit = k * bits;
   uint32_t v = row[bit >> 3];
   if ((bit & 7) + bits > 8) v |= uint32_t(row[(bit >> 3) + 1]) << 8;
@@ -68,57 +69,80 @@ struct WordDecoder {
   static constexpr int kValues = VW * kPerWord;
   static constexpr int kBytes = VW * 4;
   static constexpr int kSub = kPerWord;
+  static constexpr int kLaneStride = kPerWord;
   static constexpr int lane_value(int t, int j) { return j * kPerWord + t; }
   using Raw = uvec;
-  static Raw load(const uint8_t* p) {
+  METALQ_FN static Raw load(const uint8_t* p, const uint8_t*) {
     Raw w;
     std::memcpy(&w, p, sizeof w);
     return w;
   }
-  static fvec sub(const Raw& w, int t) {
+  METALQ_FN static fvec sub(const Raw& w, int t) {
     return __builtin_convertvector((ivec)((w >> (uint32_t)(t * BITS)) & ((1u << BITS) - 1)), fvec);
   }
 };
 
-// Any width: VW consecutive values from VW*BITS/8 bytes, each lane picking its two source bytes.
+// Any width: VW consecutive values from VW*BITS/8 bytes. One byte shuffle gives each 32-bit lane the
+// two bytes its value starts in (the upper two are don't-care: the shift is < 8 and the mask drops them).
 template <int BITS>
 struct ByteDecoder {
   static constexpr int kValues = VW;
   static constexpr int kBytes = VW * BITS / 8;
   static constexpr int kSub = 1;
+  static constexpr int kLaneStride = 1;
   static constexpr int lane_value(int, int j) { return j; }
   using Raw = fvec;
-  static constexpr int source_byte(int i) {  // byte i of the lane vector; 16 selects a zero
-    return (i % 4) < 2 ? ((i / 4) * BITS) / 8 + (i % 4) : 16;
-  }
+  static constexpr int source_byte(int i) { return ((i / 4) * BITS) / 8 + (i % 4 < 2 ? i % 4 : 0); }
   template <size_t... I>
-  static bytes_lane gather(bytes_in src, std::index_sequence<I...>) {
-    return __builtin_shufflevector(src, bytes_in{}, source_byte(I)...);
+  METALQ_FN static bytes_lane spread(bytes_in src, std::index_sequence<I...>) {
+    return __builtin_shufflevector(src, src, source_byte(I)...);
   }
-  static Raw load(const uint8_t* p) {
+  // Reads 16 bytes when the buffer has them (one load), else exactly the block's bytes.
+  METALQ_FN static Raw load(const uint8_t* p, const uint8_t* end) {
     static_assert(kBytes <= 16, "a block must fit one 16-byte load");
-    bytes_in src{};
-    std::memcpy(&src, p, kBytes);
-    bytes_lane lanes = gather(src, std::make_index_sequence<VW * 4>());
+    bytes_in src;
+    if (end - p >= 16) {
+      std::memcpy(&src, p, 16);
+    } else {
+      src = bytes_in{};
+      std::memcpy(&src, p, kBytes);
+    }
+    bytes_lane lanes = spread(src, std::make_index_sequence<VW * 4>());
     uvec words;
     std::memcpy(&words, &lanes, sizeof words);
     uvec shifts;
     for (int j = 0; j < VW; ++j) shifts[j] = (j * BITS) % 8;
     return __builtin_convertvector((ivec)((words >> shifts) & ((1u << BITS) - 1)), fvec);
   }
-  static fvec sub(const Raw& q, int) { return q; }
+  METALQ_FN static fvec sub(const Raw& q, int) { return q; }
 };
 
 template <int BITS>
 using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS>, ByteDecoder<BITS>>;
 
-// Per-lane scales of block b of row `row` when a block spans several groups.
-template <class D, ScalarKind SK>
-inline fvec lane_scales(const PackedMatrix& W, const void* table, int64_t row, int64_t b) {
-  const int64_t first = row * W.groups_per_row();
+// Per-lane scales of block b of row `row` when a block spans several groups: lane j starts at value
+// j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes.
+template <int kRun, ScalarKind SK>
+METALQ_FN inline fvec lane_scales_run(const void* table, int64_t first) {
   fvec s;
-  for (int j = 0; j < VW; ++j) s[j] = to_float<SK>(table, first + (b * D::kValues + D::lane_value(0, j)) / W.group_size);
+  for (int j = 0; j < VW; j += kRun) {
+    const float v = to_float<SK>(table, first + j / kRun);
+    for (int i = 0; i < kRun; ++i) s[j + i] = v;
+  }
   return s;
+}
+
+template <class D, ScalarKind SK>
+METALQ_FN inline fvec lane_scales(const PackedMatrix& W, const void* table, int64_t row, int64_t b) {
+  const int64_t first = row * W.groups_per_row() + ((b * D::kValues) >> W.group_shift());
+  // A compile-time run length lets the compiler build the vector from broadcasts and blends.
+  switch (W.group_size / D::kLaneStride) {
+    case 1: return lane_scales_run<1, SK>(table, first);
+    case 2: return lane_scales_run<2, SK>(table, first);
+    case 4: return lane_scales_run<4, SK>(table, first);
+    case 8: return lane_scales_run<8, SK>(table, first);
+    default: return lane_scales_run<(VW < 16 ? VW : 16), SK>(table, first);
+  }
 }
 
 // ---- x @ W.T -------------------------------------------------------------------------------------
@@ -126,7 +150,7 @@ inline fvec lane_scales(const PackedMatrix& W, const void* table, int64_t row, i
 // then one sum of x per group for the bias term: sum_k x_k (s q_k + b) = s sum_k x_k q_k + b sum_k x_k.
 
 template <class D>
-void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
+METALQ_FN void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
   const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / D::kValues;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
@@ -144,13 +168,13 @@ void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float* scratch)
 }
 
 template <class D, ScalarKind SK, int MR>
-inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, float* out) {
+METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, float* out) {
   const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / D::kValues, stride = K + G;
   const uint8_t* wrow = W.w + n * W.row_bytes();
   fvec acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = fvec{};
   for (int64_t b = 0; b < blocks; ++b) {
-    auto raw = D::load(wrow + b * D::kBytes);
+    auto raw = D::load(wrow + b * D::kBytes, W.end());
     fvec d[MR];
     for (int m = 0; m < MR; ++m) d[m] = fvec{};
     for (int t = 0; t < D::kSub; ++t) {
@@ -162,7 +186,7 @@ inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, floa
       }
     }
     fvec s = D::kValues <= W.group_size
-                 ? splat(to_float<SK>(W.scales, n * G + b * D::kValues / W.group_size))
+                 ? splat(to_float<SK>(W.scales, n * G + ((b * D::kValues) >> W.group_shift())))
                  : lane_scales<D, SK>(W, W.scales, n, b);
     for (int m = 0; m < MR; ++m) acc[m] += s * d[m];
   }
@@ -179,21 +203,26 @@ inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, floa
   for (int m = 0; m < MR; ++m) out[m] = r[m];
 }
 
+// row_dot for `rows` <= MR rows of x, with a compile-time row count.
+template <class D, ScalarKind SK, int MR>
+METALQ_FN inline void row_dot_upto(const PackedMatrix& W, int64_t n, const float* scratch, int64_t rows, float* out) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return row_dot_upto<D, SK, MR - 1>(W, n, scratch, rows, out);
+  }
+  row_dot<D, SK, MR>(W, n, scratch, out);
+}
+
 template <class D, ScalarKind SK>
-void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int kRows = 4;  // rows of x sharing one decode of W; more spills the accumulators
+METALQ_FN void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  // Rows of x sharing one decode of W: as many as the register file holds accumulators for.
+  constexpr int kRows = VW == 16 ? 8 : 4;
   const int64_t stride = W.cols + W.groups_per_row();
   float r[kRows];
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < M; m += kRows) {
       const float* s = scratch + m * stride;
       const int64_t rows = M - m < kRows ? M - m : kRows;
-      switch (rows) {
-        case 4: row_dot<D, SK, 4>(W, n, s, r); break;
-        case 3: row_dot<D, SK, 3>(W, n, s, r); break;
-        case 2: row_dot<D, SK, 2>(W, n, s, r); break;
-        default: row_dot<D, SK, 1>(W, n, s, r); break;
-      }
+      row_dot_upto<D, SK, kRows>(W, n, s, rows, r);
       for (int64_t i = 0; i < rows; ++i) y[(m + i) * ldy + n] = r[i];
     }
   }
@@ -202,7 +231,7 @@ void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M, float* y
 // ---- x @ W (W is [K, N], quantized along N) -----------------------------------------------------
 
 template <class D, ScalarKind SK>
-void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+METALQ_FN void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
   const int64_t K = W.rows, N = W.cols, G = W.groups_per_row(), rb = W.row_bytes();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
@@ -214,7 +243,7 @@ void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, float* y, int6
         fvec acc[D::kSub];
         for (int t = 0; t < D::kSub; ++t) acc[t] = fvec{};
         for (int64_t k = 0; k < K; ++k) {
-          auto raw = D::load(W.w + k * rb + b * D::kBytes);
+          auto raw = D::load(W.w + k * rb + b * D::kBytes, W.end());
           fvec xs = D::kValues <= W.group_size
                         ? splat(xm[k] * to_float<SK>(W.scales, k * G + n / W.group_size))
                         : splat(xm[k]) * lane_scales<D, SK>(W, W.scales, k, b);
@@ -246,9 +275,9 @@ void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, float* y, int6
 
 // ---- dequantize into a float or bfloat16 tile (the large-M path feeds these to a BLAS GEMM) -------
 
-inline void store(float* out, fvec v) { std::memcpy(out, &v, sizeof v); }
+METALQ_FN inline void store(float* out, fvec v) { std::memcpy(out, &v, sizeof v); }
 
-inline void store(uint16_t* out, fvec v) {  // round to nearest even, as torch's float -> bfloat16
+METALQ_FN inline void store(uint16_t* out, fvec v) {  // round to nearest even, as torch's float -> bfloat16
   uvec u;
   std::memcpy(&u, &v, sizeof u);
   u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -256,7 +285,7 @@ inline void store(uint16_t* out, fvec v) {  // round to nearest even, as torch's
 }
 
 template <int BITS, ScalarKind SK, class Out>
-void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
   using D = ByteDecoder<BITS>;
   const int64_t G = W.groups_per_row(), per_group = W.group_size / D::kValues;
   for (int64_t r = r0; r < r1; ++r) {
@@ -266,7 +295,7 @@ void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
       fvec s = splat(to_float<SK>(W.scales, r * G + g)), bias = splat(to_float<SK>(W.biases, r * G + g));
       for (int64_t i = 0; i < per_group; ++i) {
         const int64_t blk = g * per_group + i;
-        store(orow + blk * D::kValues, s * D::load(wrow + blk * D::kBytes) + bias);
+        store(orow + blk * D::kValues, s * D::load(wrow + blk * D::kBytes, W.end()) + bias);
       }
     }
   }
@@ -275,7 +304,7 @@ void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
 // ---- the table: bits and scale kind become template arguments here ------------------------------
 
 template <template <int, ScalarKind> class F, class... Args>
-void dispatch(const PackedMatrix& W, Args... args) {
+METALQ_FN void dispatch(const PackedMatrix& W, Args... args) {
   auto by_kind = [&](auto bits_tag) {
     constexpr int B = decltype(bits_tag)::value;
     switch (W.kind) {
@@ -297,34 +326,34 @@ void dispatch(const PackedMatrix& W, Args... args) {
 
 template <int B, ScalarKind SK>
 struct QmmT {
-  static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
     qmm_t_rows<FastDecoder<B>, SK>(W, x, M, y, ldy, n0, n1);
   }
 };
 template <int B, ScalarKind SK>
 struct PrepareX {
-  static void run(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
+  METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
     prepare_x<FastDecoder<B>>(W, x, M, scratch);
   }
 };
 template <int B, ScalarKind SK>
 struct QmmN {
-  static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
     qmm_n_cols<FastDecoder<B>, SK>(W, x, M, y, n0, n1);
   }
 };
 template <int B, ScalarKind SK>
 struct DequantizeF32 {
-  static void run(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
 };
 template <int B, ScalarKind SK>
 struct DequantizeBF16 {
-  static void run(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
 };
 
 }  // namespace
 
-const KernelTable& table() {
+METALQ_FN const KernelTable& table() {
   static const KernelTable t{
       METALQ_ISA_NAME,
       [](const PackedMatrix& W, const float* x, int64_t M, float* scratch) { dispatch<PrepareX>(W, x, M, scratch); },
@@ -342,8 +371,4 @@ const KernelTable& table() {
 
 }  // namespace metalq::cpu::METALQ_ISA
 
-#if defined(METALQ_TARGET) && defined(__clang__)
-#pragma clang attribute pop
-#elif defined(METALQ_TARGET)
-#pragma GCC pop_options
-#endif
+#undef METALQ_FN

@@ -17,8 +17,9 @@ namespace {
 // From this many rows of x on, dequantizing tiles of W into a BLAS GEMM beats the fused kernels,
 // whose cost grows with every row (see benchmarks/bench_qmm.py).
 constexpr int64_t kGemmMinRows = 16;
-// Rows of W dequantized per GEMM tile: large enough for an efficient GEMM, small enough for L2/L3.
-constexpr int64_t kTileRows = 512;
+// Rows of W dequantized per GEMM tile: large enough for an efficient GEMM, small enough to stay in
+// the L2 cache of the thread that made it (256 x 4096 float32 = 4 MiB).
+constexpr int64_t kTileRows = 256;
 // Units of columns handed to one thread by qmm_n: a multiple of every decoder block (at most 512).
 constexpr int64_t kColumnUnit = 512;
 
@@ -222,29 +223,28 @@ at::Tensor qmm_t_fused(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   return y;
 }
 
-// Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile.
+// Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile, on the calling thread.
 at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, const at::TensorOptions& opts) {
   const auto& k = cpu::kernels();
   auto tile = at::empty({r1 - r0, W.cols}, opts);
-  const bool bf16 = opts.dtype() == at::kBFloat16;
-  void* base = tile.data_ptr();
-  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
-    if (bf16)
-      k.dequantize_bf16(W, a, b, static_cast<uint16_t*>(base) + (a - r0) * W.cols);
-    else
-      k.dequantize_f32(W, a, b, static_cast<float*>(base) + (a - r0) * W.cols);
-  });
+  if (opts.dtype() == at::kBFloat16)
+    k.dequantize_bf16(W, r0, r1, static_cast<uint16_t*>(tile.data_ptr()));
+  else
+    k.dequantize_f32(W, r0, r1, tile.data_ptr<float>());
   return tile;
 }
 
-// x2 [M, K] in the GEMM dtype (float32 or bfloat16); W [N, K] dequantized tile by tile.
+// x2 [M, K] in the GEMM dtype (float32 or bfloat16); W [N, K]. Each thread dequantizes its own tiles
+// and multiplies them with a single-threaded GEMM: one parallel region, no barrier per tile.
 at::Tensor qmm_t_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
-  const int64_t M = x2.size(0), N = W.rows;
+  const int64_t M = x2.size(0), N = W.rows, tiles = (N + kTileRows - 1) / kTileRows;
   auto y = at::empty({M, N}, x2.options());
-  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-    const int64_t n1 = std::min(N, n0 + kTileRows);
-    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantized_tile(W, n0, n1, x2.options()).t()));
-  }
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantized_tile(W, n0, n1, x2.options()).t()));
+    }
+  });
   return y;
 }
 
@@ -261,11 +261,20 @@ at::Tensor qmm_n_float(const cpu::PackedMatrix& W, const at::Tensor& x2) {
     });
     return y;
   }
-  auto y = at::zeros({M, N}, x2.options());
-  for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
-    const int64_t k1 = std::min(K, k0 + kTileRows);
-    y.addmm_(x2.narrow(1, k0, k1 - k0), dequantized_tile(W, k0, k1, x2.options()));
-  }
+  // Each thread accumulates its K-tiles into a partial product; the partials are summed at the end.
+  const int64_t tiles = (K + kTileRows - 1) / kTileRows;
+  std::vector<at::Tensor> partials(at::get_num_threads());
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    auto& y = partials[at::get_thread_num()];
+    if (!y.defined()) y = at::zeros({M, N}, x2.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kTileRows, k1 = std::min(K, k0 + kTileRows);
+      y.addmm_(x2.narrow(1, k0, k1 - k0), dequantized_tile(W, k0, k1, x2.options()));
+    }
+  });
+  at::Tensor y = at::zeros({M, N}, x2.options());
+  for (const auto& p : partials)
+    if (p.defined()) y += p;
   return y;
 }
 
