@@ -21,7 +21,7 @@ BITS = (1, 2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # |y - y_ref| <= TOL * (|x| @ |W|): the output's own rounding in T dominates for half types.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Rows of x on both sides of every internal switch: 1-4 rows share a weight decode, 16+ take the GEMM.
 ROWS = (0, 1, 2, 3, 4, 5, 8, 15, 16, 33, 128)
 TRANSPOSE = {"qmm_t": True, "qmm_n": False}
@@ -182,29 +182,17 @@ def check_every_path():
                     run_qmm_case(transpose, bits, 128, dtype, m_rows, 33, 17 * 128)
 
 
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
-ISA_FLAGS = {"generic": [], "avx2": ["avx2", "fma", "f16c", "bmi2"],
-             "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
-
-
 def run_with_isa(isa, code):
     env = dict(os.environ, METALQ_CPU_ISA=isa)
     return subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("isa", ISA_FLAGS)
+@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
 def test_every_isa_variant_matches_float64(isa):
-    if isa != "generic" and (sys.platform != "linux" or not set(ISA_FLAGS[isa]) <= set(cpu_flags())):
-        pytest.skip(f"this CPU cannot run the {isa} variant")
     proc = run_with_isa(isa, "import test_ops; test_ops.check_every_path()")
+    if isa != "generic" and f"METALQ_CPU_ISA={isa} is not one of" in proc.stderr:
+        pytest.skip(f"this build or CPU has no {isa} variant")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
