@@ -155,6 +155,14 @@ def test_half_and_bfloat_round_every_operation(lib):
     assert x.tolist() == [2048.0, 256.0]
 
 
+def test_vector_constructors_and_half_literals(lib):
+    out = torch.zeros(4, 4)
+    lib.dispatch("vectors", (1, 1, 1), (1, 1, 1), {0: out})
+    third = float(np.float16(1) / np.float16(3))
+    expected = [[0.5] * 4, [1, 2, 3, 4], [-1, 2, -3, 4], [1.5, 2, float(np.float16(0.1)), third]]
+    assert out.tolist() == expected
+
+
 # ---- Metal's rules are errors --------------------------------------------------------------------
 
 @pytest.mark.parametrize(

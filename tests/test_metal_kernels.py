@@ -3,6 +3,7 @@ the DispatchPlan from metalq._C picks kernel, geometry and bindings. Outputs mus
 the CPU ops (themselves bit-exact with MLX, see test_format.py), and each kernel's device traffic
 is held to its floor. `python tests/test_metal_kernels.py` prints the traffic table."""
 import itertools
+import struct
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,17 @@ def test_every_metal_file_compiles(path):
 def test_library_holds_exactly_the_plannable_kernels(lib):
     names = {metalq._C.kernel_name(kernel, dtype, gs, bits) for kernel in KERNELS for dtype, gs, bits in FORMATS}
     assert names == lib.kernels
+
+
+def test_plan_covers_large_grids():
+    # More threadgroups than one grid axis holds: the plan wraps into y and still covers every group.
+    work = 2 * 65535 * 256 + 5
+    w = torch.empty((work, 64), dtype=torch.float16, device="meta")
+    plan = metalq._C.plan_affine_quantize(w, *torch.ops.metalq.affine_quantize(w, 64, 4), 64, 4)
+    (x, y, z), (tx, ty, tz) = plan["threadgroups"], plan["threads_per_threadgroup"]
+    assert x <= 65535 and z == 1 and ty == tz == 1 and tx % 32 == 0
+    assert x * (y - 1) * tx < work <= x * y * tx
+    assert plan["bytes"] == [(4, struct.pack("<Q", work))]
 
 
 # ---- bit-exact against the CPU ops ---------------------------------------------------------------

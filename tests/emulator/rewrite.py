@@ -7,7 +7,9 @@ the .metal source) and changes only what plain C++ cannot express:
   recorded in a parameter table and removed;
 * `template [[host_name("name")]] [[kernel]] decltype(f<...>) f<...>;` becomes a registration of
   `f<...>` under that name (non-template kernels register under their own name);
-* `threadgroup T name[N];` inside a kernel becomes a reference into the threadgroup's memory.
+* `threadgroup T name[N];` inside a kernel becomes a reference into the threadgroup's memory;
+* vector constructors `float4(...)` become `vector_of<float4>(...)` (clang's functional cast would
+  reinterpret `float4(int4)` instead of converting), and half literals `1.5h` become `half(1.5f)`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ _KERNEL = re.compile(r"\[\[\s*kernel\s*\]\]\s*void\s+(\w+)\s*\(")
 _INSTANCE = re.compile(r"template\s*\[\[\s*host_name\s*\(((?:\s*\"[^\"]*\")+)\s*\)\s*\]\]\s*\[\[\s*kernel\s*\]\]\s*decltype\s*\(")
 _ATTRIBUTE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]")
 _THREADGROUP_DECL = re.compile(r"\bthreadgroup\s+([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\]\n]+\])*)\s*;")
+
+
+_VECTOR_CTOR = re.compile(r"(?<![\w:.])((?:float|half|bfloat|int|uint|short|ushort|char|uchar|ulong)[234])\s*\(")
+_HALF_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)[hH]\b")
 
 
 class RewriteError(ValueError):
@@ -131,4 +137,6 @@ def rewrite(source: str) -> tuple[str, list[str]]:
         )
 
     text = _THREADGROUP_DECL.sub(threadgroup_reference, text)
+    text = _VECTOR_CTOR.sub(r"::metal::detail::vector_of<\1>(", text)
+    text = _HALF_LITERAL.sub(lambda m: f"half({m.group(1)}{'' if re.search('[.eE]', m.group(1)) else '.'}f)", text)
     return '#include "msl_emu.h"\n' + text + "\n" + suffix + "\n", names

@@ -96,6 +96,45 @@ namespace fast {
 using precise::divide;
 }  // namespace fast
 
+// ---- vector construction: rewrite.py turns `float4(...)` into vector_of<float4>(...) --------------
+
+namespace detail {
+
+template <class T>
+constexpr bool is_scalar_v = std::is_integral_v<T> || is_floating_v<T>;
+
+template <class T>
+constexpr int element_count() {
+  if constexpr (is_scalar_v<T>) return 1;
+  else return int(__builtin_vectorelements(T));
+}
+
+// MSL's constructors: a splat from one scalar, otherwise scalars and vectors concatenated, each
+// element converted (clang's own functional cast `float4(int4)` would reinterpret the bits).
+template <class V, class... Parts>
+V vector_of(Parts... parts) {
+  using E = std::remove_reference_t<decltype(std::declval<V&>()[0])>;
+  constexpr int n = element_count<V>();
+  constexpr int given = (0 + ... + element_count<Parts>());
+  static_assert(given == n || (sizeof...(Parts) == 1 && given == 1), "vector constructor needs all elements");
+  V v{};
+  int i = 0;
+  auto put = [&](auto part) {
+    if constexpr (is_scalar_v<decltype(part)>) {
+      v[i++] = E(part);
+    } else {
+      for (int j = 0; j < element_count<decltype(part)>(); ++j) v[i++] = E(part[j]);
+    }
+  };
+  (put(parts), ...);
+  if constexpr (given == 1 && n > 1) {
+    for (int j = 1; j < n; ++j) v[j] = v[0];
+  }
+  return v;
+}
+
+}  // namespace detail
+
 template <class To, class From>
 inline To as_type(From x) {
   static_assert(sizeof(To) == sizeof(From), "as_type needs types of equal size");

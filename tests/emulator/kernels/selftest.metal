@@ -101,6 +101,15 @@ instantiate_kernel("matmul_8x8_half", matmul_8x8, half)
   }
 }
 
+// MSL vector constructors and half literals: out = {splat, concatenation, converted int4, literals}.
+[[kernel]] void vectors(device float4* out [[buffer(0)]]) {
+  const float2 lo = float2(1.0f, 2.0f);
+  out[0] = float4(0.5f);
+  out[1] = float4(lo, float2(3.0f, 4.0f));
+  out[2] = float4(int4(-1, 2, -3, 4));
+  out[3] = float4(half4(1.5h, 2h, 0.1h, half(1) / 3h));
+}
+
 // ---- rule violations the emulator must report --------------------------------------------------
 
 [[kernel]] void divergent_barrier(device float* out [[buffer(0)]], uint i [[thread_index_in_threadgroup]]) {
