@@ -91,8 +91,8 @@ def _runtime_object() -> Path:
         [CLANG, *_CXXFLAGS, "-I", str(HERE / "include"), "-c", str(source), "-o", out]))
 
 
-def translate(metal: Path, include_dirs=(), defines=()) -> tuple[str, list[str]]:
-    """The C++ the emulator compiles for `metal`, and the kernel names it registers.
+def translate(metal: Path, include_dirs=()) -> str:
+    """The C++ the emulator compiles for `metal`.
 
     Preprocessed from the file's own directory, so diagnostics name `file.metal:line` and the cache
     key does not depend on where the file lives.
@@ -100,14 +100,13 @@ def translate(metal: Path, include_dirs=(), defines=()) -> tuple[str, list[str]]
     metal = Path(metal).resolve()
     preprocessed = _run(
         [CLANG, "-E", "-x", "c++", "-std=c++17", "-D__METAL__", "-D__METAL_VERSION__=310",
-         "-I", str(HERE / "stub"), *(f"-I{Path(d).resolve()}" for d in include_dirs), *(f"-D{d}" for d in defines),
-         metal.name], cwd=metal.parent)
+         "-I", str(HERE / "stub"), *(f"-I{Path(d).resolve()}" for d in include_dirs), metal.name], cwd=metal.parent)
     return rewrite(preprocessed)
 
 
-def build(metal: Path, include_dirs=(), defines=()) -> Path:
+def build(metal: Path, include_dirs=()) -> Path:
     """Compiles `metal` into a kernel library (cached); raises BuildError with clang's diagnostics."""
-    source, _ = translate(Path(metal), include_dirs, defines)
+    source = translate(Path(metal), include_dirs)
     shim = "".join(p.read_text() for p in sorted((HERE / "include").iterdir()))
     runtime = _runtime_object()
 
@@ -124,8 +123,8 @@ def build(metal: Path, include_dirs=(), defines=()) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def load(metal: Path, include_dirs=(), defines=()) -> "Library":
-    return Library(build(Path(metal), include_dirs, defines))
+def load(metal: Path, include_dirs=()) -> "Library":
+    return Library(build(Path(metal), include_dirs))
 
 
 class Library:

@@ -79,8 +79,8 @@ def _param_entry(kernel: str, param: str) -> str:
     raise RewriteError(f"kernel {kernel}: unsupported parameter attribute [[{attr.group(0)[2:-2]}]]")
 
 
-def rewrite(source: str) -> tuple[str, list[str]]:
-    """Returns (C++ source, names of the kernels it registers)."""
+def rewrite(source: str) -> str:
+    """Returns the C++ source for a preprocessed .metal translation unit."""
     text = source
     tables: dict[str, list[str]] = {}
     plain: list[str] = []  # kernels that are not templates register under their own name
@@ -97,7 +97,6 @@ def rewrite(source: str) -> tuple[str, list[str]]:
     out.append(text[pos:])
     text = "".join(out)
 
-    names: list[str] = []
     serial = itertools.count()  # unique C++ identifiers for the generated statements
 
     def register(name: str, function: str, instance: str) -> str:
@@ -120,14 +119,12 @@ def rewrite(source: str) -> tuple[str, list[str]]:
         if function not in tables:
             raise RewriteError(f"{instance}: no [[kernel]] named {function}")
         name = m.group(1).strip()
-        names.append("".join(re.findall(r"\"([^\"]*)\"", name)))
         statement = text[m.start():tail.end()]
         out.append(text[pos:m.start()] + register(name, function, instance) + "\n" * statement.count("\n"))
         pos = tail.end()
     out.append(text[pos:])
     text = "".join(out)
     suffix = "".join(register(f'"{k}"', k, k) for k in plain)
-    names += plain
 
     def threadgroup_reference(m: re.Match) -> str:
         type_, name, dims = m.group(1), m.group(2), m.group(3)
@@ -139,4 +136,4 @@ def rewrite(source: str) -> tuple[str, list[str]]:
     text = _THREADGROUP_DECL.sub(threadgroup_reference, text)
     text = _VECTOR_CTOR.sub(r"::metal::detail::vector_of<\1>(", text)
     text = _HALF_LITERAL.sub(lambda m: f"half({m.group(1)}{'' if re.search('[.eE]', m.group(1)) else '.'}f)", text)
-    return '#include "msl_emu.h"\n' + text + "\n" + suffix + "\n", names
+    return '#include "msl_emu.h"\n' + text + "\n" + suffix + "\n"
