@@ -177,6 +177,21 @@ def test_quantize_dequantize_bit_exact_vs_mlx(bits, group_size, dtype, shape):
     assert_error_within_scale(w, scales, biases, deq, group_size, bits)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+def test_dequantize_arbitrary_parameters_bit_exact_vs_mlx(bits, dtype):
+    # Any words, scales and biases (not only what a quantizer emits), over a wide range of magnitudes.
+    mx = require_mlx()
+    gen = torch.Generator().manual_seed(bits)
+    words = torch.randint(0, 2**32, (3, 2, 8 * bits), dtype=torch.int64, generator=gen).to(torch.uint32)
+    magnitude = 10.0 ** torch.randint(-6, 4, (3, 2, 4), generator=gen)
+    scales = (torch.randn(3, 2, 4, generator=gen) * magnitude).to(DTYPES[dtype])
+    biases = (torch.randn(3, 2, 4, generator=gen) * magnitude * 30).to(DTYPES[dtype])
+    deq = metalq.affine_dequantize(words, scales, biases, 64, bits)
+    ref = mx.dequantize(to_mlx(words), to_mlx(scales), to_mlx(biases), group_size=64, bits=bits)
+    assert_bit_equal(deq, from_mlx(ref, DTYPES[dtype]), "dequantized")
+
+
 def _group_filled(make, group_size):
     """A (4, 4 * group_size) weight whose groups all come from make(generator, group_size)."""
     gen = torch.Generator().manual_seed(group_size)
