@@ -4,6 +4,16 @@ A .metal file is preprocessed, rewritten (rewrite.py) and compiled as C++ by cla
 shim include/msl_emu.h, where Metal address spaces are clang address spaces, half/bfloat round after
 every operation and device-memory accesses are traced. The result is linked with runtime.cpp (one
 fiber per Metal thread) into a shared library, cached by content hash, and driven through ctypes.
+
+Covered: kernels with [[buffer]] / [[threadgroup]] / builtin parameters, template instantiation by
+host name, scalar and vector types (constructors, swizzles, half literals), threadgroup memory
+(static and dynamic, NaN-poisoned), threadgroup_barrier, simd_sum/product/max/min, simd_shuffle(_up,
+_down, _xor), simd_broadcast, simdgroup_barrier, simdgroup_matrix<T, 8, 8> load/store/multiply(_accumulate)
+and the math used by metal/. Errors: divergent barriers and collectives, inactive-lane reads, more
+than 1024 threads or 32 KiB of threadgroup memory, accesses just outside a bound buffer.
+Not covered: textures, atomics, function constants, quad and prefix/ballot SIMD functions, packed_*
+and matrix types, `vec<T, N>(...)` constructors, struct copies out of device memory (a compile error
+here, legal in MSL), fast-math numerics. Threadgroups run one after another on one OS thread.
 """
 from __future__ import annotations
 
