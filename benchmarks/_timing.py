@@ -1,0 +1,163 @@
+"""Shared helpers for the benchmark scripts: interleaved median timing and the environment header.
+
+Timing follows MLX's ``time_fn`` (warm up, then time many calls) with two changes for a shared,
+noisy CPU: the number of calls adapts to a per-op time budget, and the ops of one configuration
+are timed in alternating rounds, so that a load spike from another process hits all of them
+instead of biasing one ratio.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    samples: int
+    cpu_util: float  # process CPU time / wall time over the timed calls: about the threads kept busy
+
+    @property
+    def few(self) -> bool:
+        """True when too few calls fitted in the budget for the median to mean much."""
+        return self.samples < 3
+
+
+def timed_call(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(result, wall seconds, process CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    t1, c1 = time.perf_counter(), time.process_time()
+    return out, t1 - t0, c1 - c0
+
+
+def measure(
+    fns: Dict[str, Callable[[], object]],
+    reps: int = 100,
+    warmup: int = 5,
+    budget_s: float = 0.5,
+    min_reps: int = 5,
+    rounds: int = 3,
+    slow_s: float = 2.0,
+    clock: str = "wall",
+    first: Optional[Dict[str, Tuple[float, float]]] = None,
+) -> Dict[str, Timing]:
+    """Median time of each synchronous ``fn`` (each call must finish its work before returning).
+
+    Each op gets ``clamp(budget_s / first_call, min_reps, reps)`` timed calls, split over ``rounds``
+    rounds that alternate between the ops; every round starts with untimed warm-up calls (``warmup``
+    in the first round, one afterwards) so each op is timed with its own data in cache. An op whose
+    first call takes longer than ``slow_s`` is timed by that single call (``Timing.few``).
+
+    ``clock="wall"`` reports wall time; ``clock="cpu"`` reports process CPU time, which on a machine
+    shared with other jobs stays close to the uncontended cost of single-threaded ops (but counts
+    every busy thread, including spin-waits, for multi-threaded ones). ``first`` passes (wall, cpu)
+    of a call already made, e.g. a correctness check, to stand in for the first call.
+    """
+    first = dict(first or {})
+    for name, fn in fns.items():
+        if name not in first:
+            first[name] = timed_call(fn)[1:]
+    walls: Dict[str, List[float]] = {name: [] for name in fns}
+    cpus: Dict[str, List[float]] = {name: [] for name in fns}
+    plan: Dict[str, int] = {}
+    for name, (wall, cpu) in first.items():
+        if wall >= slow_s:
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            plan[name] = 0
+        else:
+            plan[name] = max(min_reps, min(reps, int(budget_s / max(wall, 1e-9))))
+    for r in range(rounds):
+        for name, fn in fns.items():
+            todo = plan[name] // rounds + (1 if r < plan[name] % rounds else 0)
+            if todo == 0:
+                continue
+            for _ in range(min(warmup if r == 0 else 1, todo)):
+                fn()
+            for _ in range(todo):
+                _, wall, cpu = timed_call(fn)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    picked = walls if clock == "wall" else cpus
+    return {
+        name: Timing(
+            median_ms=1e3 * statistics.median(picked[name]),
+            samples=len(walls[name]),
+            cpu_util=sum(cpus[name]) / max(sum(walls[name]), 1e-12),
+        )
+        for name in fns
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _l3_size() -> str:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def metalq_isa() -> str:
+    """The CPU kernel variant metalq runs: METALQ_CPU_ISA if set, else the fastest the CPU supports.
+
+    The extension does not report its choice, so the default is inferred with the same flag tests
+    it uses (avx512f/bw/vl/dq, else avx2/fma/f16c/bmi2, else generic).
+    """
+    forced = os.environ.get("METALQ_CPU_ISA")
+    if forced:
+        return f"{forced} (METALQ_CPU_ISA)"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic (inferred)"
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512 (inferred from CPU flags)"
+    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        return "avx2 (inferred from CPU flags)"
+    return "generic (inferred from CPU flags)"
+
+
+def header_lines(title: str) -> List[str]:
+    try:
+        import mlx.core as mx
+
+        mlx_version = mx.__version__
+    except ImportError:
+        mlx_version = "not installed"
+    return [
+        f"# {title}",
+        f"# date        {datetime.date.today().isoformat()}",
+        f"# device      cpu: {_cpu_model()}, {os.cpu_count()} logical cores, L3 {_l3_size()}",
+        f"# software    python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), mlx {mlx_version}",
+        f"# metalq ISA  {metalq_isa()}",
+    ]
