@@ -11,6 +11,8 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -108,17 +110,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _l3_size() -> str:
     try:
         with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
@@ -128,22 +119,21 @@ def _l3_size() -> str:
 
 
 def metalq_isa() -> str:
-    """The CPU kernel variant metalq runs: METALQ_CPU_ISA if set, else the fastest the CPU supports.
+    """The CPU kernel variant metalq runs: METALQ_CPU_ISA if set, else the fastest the build accepts here.
 
-    The extension does not report its choice, so the default is inferred with the same flag tests
-    it uses (avx512f/bw/vl/dq, else avx2/fma/f16c/bmi2, else generic).
+    The extension does not report its choice and its set of variants changes between builds, so each
+    candidate is tried in a subprocess (the variant is read once per process).
     """
     forced = os.environ.get("METALQ_CPU_ISA")
     if forced:
         return f"{forced} (METALQ_CPU_ISA)"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic (inferred)"
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx512 (inferred from CPU flags)"
-    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
-        return "avx2 (inferred from CPU flags)"
-    return "generic (inferred from CPU flags)"
+    probe = ("import torch, metalq; w = torch.zeros(8, 64); "
+             "metalq.affine_qmm_t(torch.zeros(1, 64), *metalq.affine_quantize(w, 64, 4), 64, 4)")
+    for isa in ("avx512", "avx2"):
+        env = dict(os.environ, METALQ_CPU_ISA=isa)
+        if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0:
+            return f"{isa} (probed: fastest variant this build runs here)"
+    return "generic (probed)"
 
 
 def header_lines(title: str) -> List[str]:
