@@ -21,6 +21,9 @@ def _compile_args():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -Wno-psabi: the baseline CPU kernels pass 32-byte vectors between internal functions only.
     cxx += ["-std=c++17", "-fvisibility=hidden", "-Wno-psabi"]
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs on one thread.
+        cxx.append("-fopenmp")
     return {"cxx": cxx}
 
 
@@ -31,6 +34,7 @@ setup(
             sources=_sources(),
             include_dirs=[os.path.join(HERE, "metal"), os.path.join(HERE, "csrc")],
             extra_compile_args=_compile_args(),
+            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

@@ -167,28 +167,47 @@ METALQ_FN void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float
   }
 }
 
+// One row n of W against MR rows of x. The row is walked in segments that share one scale: a group
+// when a block fits in a group (the scale multiplies once per group), else a single block (with
+// per-lane scales). Within a segment the products go to kChains independent accumulators per row of
+// x, so consecutive FMAs do not wait on each other's latency.
 template <class D, ScalarKind SK, int MR>
 METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scratch, float* out) {
+  constexpr int kChains = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  constexpr int kUnroll = D::kSub >= kChains ? 1 : kChains / D::kSub;  // blocks per step
   const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / D::kValues, stride = K + G;
+  const bool per_group = D::kValues <= W.group_size;
+  const int64_t seg_blocks = per_group ? W.group_size / D::kValues : 1;
+  const int64_t segments = blocks / seg_blocks;  // blocks is a multiple of seg_blocks: K % group_size == 0
   const uint8_t* wrow = W.w + n * W.row_bytes();
   fvec acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = fvec{};
-  for (int64_t b = 0; b < blocks; ++b) {
-    auto raw = D::load(wrow + b * D::kBytes, W.end());
-    fvec d[MR];
-    for (int m = 0; m < MR; ++m) d[m] = fvec{};
-    for (int t = 0; t < D::kSub; ++t) {
-      fvec q = D::sub(raw, t);
-      for (int m = 0; m < MR; ++m) {
-        fvec xv;
-        std::memcpy(&xv, scratch + m * stride + b * D::kValues + t * VW, sizeof xv);
-        d[m] += xv * q;
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    fvec d[MR][kChains];
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < kChains; ++c) d[m][c] = fvec{};
+    for (int64_t bi = 0; bi < seg_blocks; bi += kUnroll) {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t b = seg * seg_blocks + bi + u;
+        auto raw = D::load(wrow + b * D::kBytes, W.end());
+        for (int t = 0; t < D::kSub; ++t) {
+          const fvec q = D::sub(raw, t);
+          const int c = (u * D::kSub + t) % kChains;
+          for (int m = 0; m < MR; ++m) {
+            fvec xv;
+            std::memcpy(&xv, scratch + m * stride + b * D::kValues + t * VW, sizeof xv);
+            d[m][c] += xv * q;
+          }
+        }
       }
     }
-    fvec s = D::kValues <= W.group_size
-                 ? splat(to_float<SK>(W.scales, n * G + ((b * D::kValues) >> W.group_shift())))
-                 : lane_scales<D, SK>(W, W.scales, n, b);
-    for (int m = 0; m < MR; ++m) acc[m] += s * d[m];
+    const fvec s = per_group ? splat(to_float<SK>(W.scales, n * G + seg))
+                             : lane_scales<D, SK>(W, W.scales, n, seg);
+    for (int m = 0; m < MR; ++m) {
+      fvec dm = d[m][0];
+      for (int c = 1; c < kChains; ++c) dm += d[m][c];
+      acc[m] += s * dm;
+    }
   }
   float r[MR];
   for (int m = 0; m < MR; ++m) r[m] = hsum(acc[m]);
