@@ -39,6 +39,9 @@ struct KernelTable {
   // Rows [r0, r1) of W dequantized as scale * q + bias (one float rounding) into out[(r - r0) * cols].
   void (*dequantize_f32)(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
   void (*dequantize_bf16)(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
+  // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
+  // K / group_size float scales and biases.
+  void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
 };
 
 inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {

@@ -4,12 +4,14 @@
 //   METALQ_TARGET  compiler target string, or leaves it undefined for the baseline.
 // Only standard headers are included, and before the target region: inline code of a third-party
 // header compiled here for AVX2 could otherwise be picked by the linker for every caller.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 
 #include "kernels.h"
+#include "params.h"
 
 // Every function below carries the variant's target attribute (a `#pragma GCC target` region does
 // not reliably reach template instantiations).
@@ -320,6 +322,64 @@ METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Ou
   }
 }
 
+// ---- quantize: MLX's CPU rule, so checkpoints are bit-identical to mx.quantize -------------------
+
+struct GroupParams {
+  float scale;
+  float bias;
+};
+
+METALQ_FN inline GroupParams affine_group_params(float w_min, float w_max, int bits) {
+  if (bits == 1) return {std::max(w_max - w_min, kQuantizeEps), w_min};
+  // The extreme of larger magnitude becomes the bias (exactly representable, q = 0) and the scale is
+  // nudged so that 0.0 falls on an integer level; scales are negative when that extreme is the max.
+  const float n_bins = float((1 << bits) - 1);
+  float scale = std::max((w_max - w_min) / n_bins, kQuantizeEps);
+  const bool min_is_edge = std::fabs(w_min) > std::fabs(w_max);
+  scale = min_is_edge ? scale : -scale;
+  const float edge = min_is_edge ? w_min : w_max;
+  const float q0 = std::rint(edge / scale);
+  if (q0 == 0.f) return {scale, 0.f};
+  return {edge / q0, edge};
+}
+
+// One row of K finite values: q = clamp(rint((w - bias) / scale), 0, n_bins) per group, with IEEE
+// division (never a reciprocal) so every value rounds exactly as MLX's scalar loop does.
+METALQ_FN void quantize_row(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales,
+                            float* biases) {
+  const float n_bins = float((1 << bits) - 1);
+  // Adding and subtracting 1.5 * 2^23 rounds to nearest even for |v| < 2^22; v is clamped first.
+  const fvec magic = splat(12582912.f), lo = splat(-1.f), hi = splat(n_bins + 1.f), top = splat(n_bins);
+  for (int64_t g = 0; g < K / group_size; ++g) {
+    const float* wg = w + g * group_size;
+    fvec vmin, vmax;
+    std::memcpy(&vmin, wg, sizeof vmin);
+    vmax = vmin;
+    for (int i = VW; i < group_size; i += VW) {
+      fvec v;
+      std::memcpy(&v, wg + i, sizeof v);
+      vmin = v < vmin ? v : vmin;
+      vmax = v > vmax ? v : vmax;
+    }
+    float w_min = vmin[0], w_max = vmax[0];
+    for (int j = 1; j < VW; ++j) w_min = std::min(w_min, vmin[j]), w_max = std::max(w_max, vmax[j]);
+    const GroupParams p = affine_group_params(w_min, w_max, bits);
+    scales[g] = p.scale;
+    biases[g] = p.bias;
+    const fvec scale = splat(p.scale), bias = splat(p.bias);
+    for (int i = 0; i < group_size; i += VW) {
+      fvec v;
+      std::memcpy(&v, wg + i, sizeof v);
+      v = (v - bias) / scale;
+      v = v < lo ? lo : (v > hi ? hi : v);
+      v = (v + magic) - magic;
+      v = v < 0.f ? fvec{} : (v > top ? top : v);
+      const ivec qi = __builtin_convertvector(v, ivec);
+      for (int j = 0; j < VW; ++j) q[g * group_size + i + j] = uint8_t(qi[j]);
+    }
+  }
+}
+
 // ---- the table: bits and scale kind become template arguments here ------------------------------
 
 template <template <int, ScalarKind> class F, class... Args>
@@ -384,6 +444,7 @@ METALQ_FN const KernelTable& table() {
       },
       [](const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dispatch<DequantizeF32>(W, r0, r1, out); },
       [](const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dispatch<DequantizeBF16>(W, r0, r1, out); },
+      quantize_row,
   };
   return t;
 }

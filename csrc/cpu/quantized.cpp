@@ -103,47 +103,21 @@ at::Tensor unpack_cpu(const at::Tensor& w, int64_t bits) {
 
 // ---- quantize: MLX's CPU rule, so checkpoints are bit-identical to mx.quantize ------------------
 
-struct GroupParams {
-  float scale;
-  float bias;
-};
-
-GroupParams affine_group_params(const float* w, int64_t n, int bits) {
-  float w_min = w[0], w_max = w[0];
-  for (int64_t i = 1; i < n; ++i) {
-    w_min = std::min(w_min, w[i]);
-    w_max = std::max(w_max, w[i]);
-  }
-  const float n_bins = float((1 << bits) - 1);
-  if (bits == 1) return {std::max(w_max - w_min, kQuantizeEps), w_min};
-  // The extreme of larger magnitude becomes the bias (exactly representable, q = 0) and the scale is
-  // nudged so that 0.0 falls on an integer level; scales are negative when that extreme is the max.
-  float scale = std::max((w_max - w_min) / n_bins, kQuantizeEps);
-  const bool min_is_edge = std::abs(w_min) > std::abs(w_max);
-  scale = min_is_edge ? scale : -scale;
-  const float edge = min_is_edge ? w_min : w_max;
-  const float q0 = std::rint(edge / scale);
-  if (q0 == 0.f) return {scale, 0.f};
-  return {edge / q0, edge};
-}
-
 template <class T>
 void quantize_rows(const T* w, int64_t rows, int64_t K, int64_t group_size, int bits, uint32_t* wq, T* scales,
                    T* biases) {
+  const auto& k = cpu::kernels();
   const int64_t G = K / group_size, words = K * bits / 32;
-  const float n_bins = float((1 << bits) - 1);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> wf(group_size);
+    std::vector<float> wf(K), s(G), b(G);
     std::vector<uint8_t> q(K);
     for (int64_t r = r0; r < r1; ++r) {
+      const T* src = w + r * K;
+      for (int64_t i = 0; i < K; ++i) wf[i] = float(src[i]);
+      k.quantize_row(wf.data(), K, int(group_size), bits, q.data(), s.data(), b.data());
       for (int64_t g = 0; g < G; ++g) {
-        const T* src = w + r * K + g * group_size;
-        for (int64_t i = 0; i < group_size; ++i) wf[i] = float(src[i]);
-        const GroupParams p = affine_group_params(wf.data(), group_size, bits);
-        for (int64_t i = 0; i < group_size; ++i)
-          q[g * group_size + i] = uint8_t(std::clamp(std::rint((wf[i] - p.bias) / p.scale), 0.f, n_bins));
-        scales[r * G + g] = T(p.scale);
-        biases[r * G + g] = T(p.bias);
+        scales[r * G + g] = T(s[g]);
+        biases[r * G + g] = T(b[g]);
       }
       pack_row(q.data(), K, bits, wq + r * words);
     }
