@@ -189,19 +189,22 @@ def run_with_isa(isa, code):
                           capture_output=True, text=True, timeout=300)
 
 
-def cpu_has_avx2():
+ISA_FLAGS = {"generic": set(), "avx2": {"avx2", "fma", "f16c", "bmi2"}}
+ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx2"] | {"avx512bw", "avx512vl", "avx512_bf16"}
+
+
+def cpu_flags():
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return set()
     with open("/proc/cpuinfo") as f:
-        flags = set(f.read().split())
-    return {"avx2", "fma", "f16c", "bmi2"} <= flags
+        return set(f.read().split())
 
 
-# The baseline variant always exists; an x86-64 CPU with AVX2 must also get (and pass) the AVX2 one.
-@pytest.mark.parametrize("isa", ("generic", "avx2"))
+# The baseline variant always exists; an x86-64 CPU with the flags of a variant must also get (and pass) it.
+@pytest.mark.parametrize("isa", tuple(ISA_FLAGS))
 def test_every_isa_variant_matches_float64(isa):
-    if isa == "avx2" and not cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2")
+    if not ISA_FLAGS[isa] <= cpu_flags():
+        pytest.skip(f"this CPU lacks {isa}")
     proc = run_with_isa(isa, "import test_ops; test_ops.check_every_path()")
     assert proc.returncode == 0, proc.stderr[-3000:]
 

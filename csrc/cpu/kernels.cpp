@@ -10,21 +10,37 @@ namespace metalq::cpu {
 namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
+namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }
 #endif
 
 namespace {
+
+// The AVX2 table plus the AVX512-BF16 product for bfloat16 activations.
+const KernelTable& avx512_bf16_table() {
+  static const KernelTable t = [] {
+    KernelTable k = avx2::table();
+    k.isa = "avx512bf16";
+    k.bf16_qmm_t = avx512_bf16::kernels;
+    return k;
+  }();
+  return t;
+}
 
 const KernelTable& best_table() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  const bool has_avx512_bf16 = has_avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                               __builtin_cpu_supports("avx512bf16");
   if (const char* forced = std::getenv("METALQ_CPU_ISA")) {
     std::string isa(forced);
     if (isa == "generic") return generic::table();
     if (isa == "avx2" && has_avx2) return avx2::table();
-    throw std::runtime_error("METALQ_CPU_ISA=" + isa + " is not one of generic, avx2 supported by this CPU");
+    if (isa == "avx512bf16" && has_avx512_bf16) return avx512_bf16_table();
+    throw std::runtime_error("METALQ_CPU_ISA=" + isa + " is not one of generic, avx2, avx512bf16 supported by this CPU");
   }
+  if (has_avx512_bf16) return avx512_bf16_table();
   if (has_avx2) return avx2::table();
 #endif
   return generic::table();

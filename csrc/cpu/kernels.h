@@ -27,6 +27,14 @@ struct PackedMatrix {
   int group_shift() const { return __builtin_ctz(unsigned(group_size)); }  // group sizes are powers of two
 };
 
+// x @ W.T for bfloat16 x and bfloat16 scales, as prepare_x / qmm_t below but with x kept in bfloat16
+// (scratch_bytes(W, M) bytes of scratch).
+struct Bf16QmmT {
+  int64_t (*scratch_bytes)(const PackedMatrix& W, int64_t M);
+  void (*prepare_x)(const PackedMatrix& W, const uint16_t* x, int64_t M, void* scratch);
+  void (*qmm_t)(const PackedMatrix& W, const void* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+};
+
 struct KernelTable {
   const char* isa;
   // x @ W.T runs in two steps: prepare_x lays x [M, W.cols] out for this variant's decoder in
@@ -42,13 +50,15 @@ struct KernelTable {
   // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
   // K / group_size float scales and biases.
   void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
+  // The bfloat16 product for these bits, or null where this variant has none (then x runs in float).
+  const Bf16QmmT* (*bf16_qmm_t)(int bits);
 };
 
 inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
   return M * (W.cols + W.groups_per_row());
 }
 
-// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2 forces a variant.
+// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.
 const KernelTable& kernels();
 
 }  // namespace metalq::cpu

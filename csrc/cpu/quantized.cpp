@@ -197,6 +197,18 @@ at::Tensor qmm_t_fused(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   return y;
 }
 
+// x2 [M, K] bfloat16 contiguous, bfloat16 scales; x2 @ W.T as float32 [M, N] through bfloat16 dot products.
+at::Tensor qmm_t_fused_bf16(const cpu::PackedMatrix& W, const cpu::Bf16QmmT& k, const at::Tensor& x2) {
+  const int64_t M = x2.size(0), N = W.rows;
+  auto scratch = at::empty({k.scratch_bytes(W, M)}, x2.options().dtype(at::kByte));
+  k.prepare_x(W, static_cast<const uint16_t*>(x2.data_ptr()), M, scratch.data_ptr());
+  auto y = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  const void* s = scratch.data_ptr();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { k.qmm_t(W, s, M, out, N, n0, n1); });
+  return y;
+}
+
 // Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile, on the calling thread.
 at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, const at::TensorOptions& opts) {
   const auto& k = cpu::kernels();
@@ -266,7 +278,8 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
   if (!transpose) {
     y = qmm_n_float(W, x2.to(at::kFloat).contiguous());
   } else if (x2.size(0) < kGemmMinRows) {
-    y = qmm_t_fused(W, x2.to(at::kFloat).contiguous());
+    const cpu::Bf16QmmT* bf16 = x.scalar_type() == at::kBFloat16 ? cpu::kernels().bf16_qmm_t(int(bits)) : nullptr;
+    y = bf16 ? qmm_t_fused_bf16(W, *bf16, x2.contiguous()) : qmm_t_fused(W, x2.to(at::kFloat).contiguous());
   } else {
     // bfloat16 activations keep a bfloat16 GEMM (as a dense bf16 linear would); others run in float32.
     const auto gemm_dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;

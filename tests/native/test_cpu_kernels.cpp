@@ -15,9 +15,11 @@ namespace metalq::cpu {
 namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
+namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }
 #endif
 }  // namespace metalq::cpu
 
+using metalq::cpu::Bf16QmmT;
 using metalq::cpu::KernelTable;
 using metalq::cpu::PackedMatrix;
 using metalq::cpu::ScalarKind;
@@ -149,6 +151,32 @@ void check_table(const KernelTable& t, int64_t rows, int64_t cols, int bits, int
   }
 }
 
+// The bfloat16-activation product: x is rounded to bfloat16 first, so the reference uses those values.
+void check_bf16(const Bf16QmmT& k, int64_t rows, int64_t cols, int bits, int gs, int64_t M, std::mt19937& rng) {
+  const std::string tag = "bf16 rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                          " bits=" + std::to_string(bits) + " gs=" + std::to_string(gs) + " M=" + std::to_string(M);
+  Case c = make_case(rows, cols, bits, gs, ScalarKind::bf16, rng);
+  std::normal_distribution<float> f_dist(0.f, 1.f);
+  std::vector<uint16_t> x(M * cols);
+  for (auto& v : x) v = to_bf16_bits(f_dist(rng));
+  std::vector<uint8_t> scratch(k.scratch_bytes(c.W, M));
+  k.prepare_x(c.W, x.data(), M, scratch.data());
+  std::vector<float> y(M * rows);
+  k.qmm_t(c.W, scratch.data(), M, y.data(), rows, 0, rows / 2);
+  k.qmm_t(c.W, scratch.data(), M, y.data(), rows, rows / 2, rows);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < rows; ++n) {
+      double want = 0;
+      for (int64_t k2 = 0; k2 < cols; ++k2) {
+        uint32_t u = uint32_t(x[m * cols + k2]) << 16;
+        float xf;
+        std::memcpy(&xf, &u, 4);
+        want += double(xf) * c.dense[n * cols + k2];
+      }
+      expect_close(y[m * rows + n], want, 1e-4, "qmm_t " + tag);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -168,6 +196,16 @@ int main() {
               check_table(*t, /*rows=*/(M == 1 ? 3 : 7), cols, bits, gs, kind, M, rng);
               ++cases;
             }
+#if defined(__x86_64__) || defined(_M_X64)
+  if (__builtin_cpu_supports("avx512bf16"))
+    for (int bits : {1, 2, 4, 8})
+      for (int gs : {32, 64, 128})
+        for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs), int64_t(1024)})
+          for (int64_t M : {1, 3, 9}) {
+            check_bf16(*metalq::cpu::avx512_bf16::kernels(bits), 5, cols, bits, gs, M, rng);
+            ++cases;
+          }
+#endif
   std::printf("%d passed, %d failed\n", cases - (failures ? 1 : 0), failures ? 1 : 0);
   return failures ? 1 : 0;
 }
