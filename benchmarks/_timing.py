@@ -11,8 +11,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -119,22 +117,10 @@ def _l3_size() -> str:
 
 
 def metalq_isa() -> str:
-    """The CPU kernel variant metalq runs: METALQ_CPU_ISA if set, else the fastest the build accepts here.
+    """The CPU kernel variant metalq runs (METALQ_CPU_ISA overrides the choice by CPU features)."""
+    import metalq
 
-    The extension does not report its choice and its set of variants changes between builds, so each
-    candidate is tried in a subprocess (the variant is read once per process).
-    """
-    forced = os.environ.get("METALQ_CPU_ISA")
-    if forced:
-        return f"{forced} (METALQ_CPU_ISA)"
-    probe = ("import torch, metalq; w = torch.zeros(8, 64); "
-             "metalq.affine_qmm_t(torch.zeros(1, 64), *metalq.affine_quantize(w, 64, 4), 64, 4)")
-    for isa in ("avx512", "avx2"):
-        env = dict(os.environ, METALQ_CPU_ISA=isa)
-        if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0:
-            return f"{isa} (probed: fastest variant this build runs here)"
-    return "generic (probed)"
-
+    return metalq._C.cpu_kernel_isa()
 
 def header_lines(title: str) -> List[str]:
     try:

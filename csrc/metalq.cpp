@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "plan.h"
 
 namespace {
@@ -28,6 +29,8 @@ py::dict plan_to_python(const metalq::DispatchPlan& plan) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  m.def("cpu_kernel_isa", [] { return std::string(metalq::cpu::kernels().isa); },
+        "The CPU kernel variant in use (METALQ_CPU_ISA overrides the choice by CPU features).");
   m.def("kernel_name", &metalq::kernel_name, "Host name of a Metal kernel (metal/quantized.metal).");
   // Each plan_* validates like the op, then plans the dispatch for caller-allocated contiguous outputs.
   m.def("plan_affine_quantize", [](const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
