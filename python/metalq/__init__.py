@@ -15,6 +15,7 @@ from .ops import (
     unpack,
 )
 from .config import MetalConfig
+from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
 from .quantize import dequantize_, quantize_, replace_with_metal_linear
 
@@ -27,6 +28,8 @@ __all__ = [
     "unpack",
     "MetalConfig",
     "MetalLinear",
+    "MetalEmbedding",
+    "MetalTiedHead",
     "quantize_",
     "dequantize_",
     "replace_with_metal_linear",

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MetalConfig
+from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
 
 # ``quantize_``'s config: one MetalConfig for every layer, a mapping from module name (or pattern, or
@@ -38,6 +39,8 @@ def quantize_(
     model: nn.Module,
     config: ConfigSpec = MetalConfig(),
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    *,
+    embeddings: bool = False,
 ) -> None:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` by quantized :class:`MetalLinear` layers.
 
@@ -49,6 +52,10 @@ def quantize_(
             rest) to a MetalConfig or ``None`` (keep float); or a callable ``(module, fqn) -> MetalConfig | None``.
             Each config's ``modules_to_not_convert`` is honoured.
         filter_fn: ``(module, fqn) -> bool``; only Linear layers for which it returns True are converted.
+        embeddings: also convert ``nn.Embedding`` layers to :class:`MetalEmbedding` (quantized along
+            ``embedding_dim``), choosing their configs the same way, as mlx-lm does. A Linear that shares
+            its weight with a converted embedding (a tied output head) becomes a :class:`MetalTiedHead`
+            reading the quantized table, so the tie survives.
 
     Layers whose ``in_features`` is not divisible by their ``group_size`` stay float, named in one warning.
     On error nothing is replaced: every layer is quantized before the first one is swapped in.
@@ -66,7 +73,20 @@ def quantize_(
             raise ValueError("quantize_: MetalConfig(dequantize=True) is a loading option; use metalq.dequantize_")
         return chosen
 
-    _convert_linears(model, choose, MetalLinear.from_linear, "quantize_")
+    plan, misfits = _plan(model, _is_linear, choose, MetalLinear.from_linear, "quantize_")
+    if embeddings:
+        embedding_plan, embedding_misfits = _plan(
+            model, _is_embedding, choose, MetalEmbedding.from_embedding, "quantize_"
+        )
+        misfits += embedding_misfits
+        tables = {id(old.weight): _once(build) for _, old, build in embedding_plan}
+        embedding_plan = [(fqns, old, tables[id(old.weight)]) for fqns, old, _ in embedding_plan]
+        plan = [
+            (fqns, old, partial(_tied_head, tables[id(old.weight)], old) if id(old.weight) in tables else build)
+            for fqns, old, build in plan
+        ] + embedding_plan
+    _warn_misfits(misfits, "quantize_")
+    _swap(model, plan, "quantize_")
 
 
 def replace_with_metal_linear(
@@ -113,9 +133,20 @@ def replace_with_metal_linear(
 
 
 def dequantize_(model: nn.Module) -> None:
-    """Replace, in place, every :class:`MetalLinear` of ``model`` by the float ``nn.Linear`` it encodes."""
-    targets = _find(model, lambda module, fqn: isinstance(module, MetalLinear), "dequantize_")
-    _swap(model, [(fqns, layer, layer.dequantize) for fqns, layer in targets], "dequantize_")
+    """Replace, in place, every :class:`MetalLinear` of ``model`` by the float ``nn.Linear`` it encodes (and
+    every :class:`MetalEmbedding` by its ``nn.Embedding``; a :class:`MetalTiedHead` becomes an ``nn.Linear``
+    sharing the dequantized embedding's weight)."""
+    quantized = (MetalLinear, MetalEmbedding, MetalTiedHead)
+    targets = _find(model, lambda module, fqn: isinstance(module, quantized), "dequantize_")
+    tables = {id(layer): _once(layer.dequantize) for _, layer in targets if isinstance(layer, MetalEmbedding)}
+    plan = []
+    for fqns, layer in targets:
+        if isinstance(layer, MetalTiedHead):
+            table = tables.get(id(layer.embedding)) or _once(layer.embedding.dequantize)
+            plan.append((fqns, layer, partial(_untied_linear, table, layer)))
+        else:
+            plan.append((fqns, layer, tables.get(id(layer), layer.dequantize)))
+    _swap(model, plan, "dequantize_")
 
 
 # ---- internals --------------------------------------------------------------------------------------
@@ -161,34 +192,70 @@ def _find(model: nn.Module, predicate, caller: str) -> list[tuple[list[str], nn.
     return list(found.values())
 
 
+def _is_embedding(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+def _plan(model: nn.Module, predicate, choose, make, caller: str):
+    """``(plan, misfits)``: ``(names, layer, build)`` for each layer passing ``predicate`` for which
+    ``choose(module, fqn)`` gives a config, ``build() = make(layer, bits, group_size)``."""
+    plan, misfits = [], []
+    for fqns, layer in _find(model, predicate, caller):
+        config = choose(layer, fqns[0])
+        if config is None:
+            continue
+        features = layer.embedding_dim if isinstance(layer, nn.Embedding) else layer.in_features
+        if features % config.group_size:
+            misfits.append(f"{fqns[0]} (in_features={features}, group_size={config.group_size})")
+            continue
+        plan.append((fqns, layer, partial(make, layer, config.bits, config.group_size)))
+    return plan, misfits
+
+
+def _warn_misfits(misfits: list[str], caller: str) -> None:
+    if misfits:
+        warnings.warn(
+            f"{caller}: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
+            f"group_size: {', '.join(misfits)}",
+            stacklevel=4,
+        )
+
+
 def _convert_linears(model: nn.Module, choose, make, caller: str) -> int:
     """Replace each Linear for which ``choose(module, fqn)`` gives a config by ``make(module, bits, group_size)``.
 
     Returns the number of layers replaced.
     """
-    plan, misfits = [], []
-    for fqns, linear in _find(model, _is_linear, caller):
-        config = choose(linear, fqns[0])
-        if config is None:
-            continue
-        if linear.in_features % config.group_size:
-            misfits.append(f"{fqns[0]} (in_features={linear.in_features}, group_size={config.group_size})")
-            continue
-        plan.append((fqns, linear, partial(make, linear, config.bits, config.group_size)))
-    if misfits:
-        warnings.warn(
-            f"{caller}: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
-            f"group_size: {', '.join(misfits)}",
-            stacklevel=3,
-        )
+    plan, misfits = _plan(model, _is_linear, choose, make, caller)
+    _warn_misfits(misfits, caller)
     _swap(model, plan, caller)
     return len(plan)
+
+
+def _once(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build``, run at most once: a tied head and its embedding must share one quantized table."""
+    built = []
+    return lambda: built[0] if built else built.append(build()) or built[0]
+
+
+def _tied_head(table: Callable[[], MetalEmbedding], linear: nn.Linear) -> MetalTiedHead:
+    return MetalTiedHead(table(), linear.bias)
+
+
+def _untied_linear(table: Callable[[], nn.Embedding], head: MetalTiedHead) -> nn.Linear:
+    """The float Linear of a tied head, sharing its weight Parameter with the dequantized embedding."""
+    embedding = table()
+    linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    linear.weight = embedding.weight
+    if head.bias is not None:
+        linear.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=head.bias.requires_grad)
+    return linear
 
 
 def _swap(model: nn.Module, plan: list[tuple[list[str], nn.Module, Callable[[], nn.Module]]], caller: str) -> None:
     """Run each ``(names, old_layer, build)`` build first, then swap all results in: an error leaves ``model``
     untouched."""
-    total_weights = sum(old.in_features * old.out_features for _, old, _ in plan)
+    total_weights = sum(old.weight.numel() for _, old, _ in plan if isinstance(old, (nn.Linear, nn.Embedding)))
     builds = tqdm(plan, desc=caller, unit="layer", leave=False, disable=total_weights < _PROGRESS_MIN_WEIGHTS)
     built = [(fqns, build()) for fqns, _, build in builds]
     for fqns, new in built:

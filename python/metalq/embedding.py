@@ -1,0 +1,144 @@
+"""MetalEmbedding: an ``nn.Embedding`` whose table is stored MLX-affine-quantized (MLX ``QuantizedEmbedding``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, check_format
+from .ops import affine_dequantize, affine_qmm_t, affine_quantize
+
+
+class MetalEmbedding(nn.Module):
+    """A lookup table of low-bit rows: ``forward(ids) = dequantize(weight[ids], scales[ids], qbiases[ids])``.
+
+    Each row (one token) is quantized along ``embedding_dim``, so a lookup gathers whole packed rows and
+    dequantizes only those: exactly the float row ``scales * q + qbiases``, at the cost of the gather.
+    The state_dict is MLX's ``QuantizedEmbedding`` with ``biases`` spelled ``qbiases`` (as in transformers'
+    Metal layout): ``weight`` uint32 ``(num_embeddings, embedding_dim*bits/32)``, ``scales`` and ``qbiases``
+    ``(num_embeddings, embedding_dim/group_size)``. These are the shapes of a :class:`metalq.MetalLinear`
+    with ``in_features=embedding_dim``, so :meth:`as_linear` serves a tied output head from the same table.
+
+    Args:
+        num_embeddings, embedding_dim: as ``nn.Embedding``; ``embedding_dim % group_size == 0``.
+        padding_idx: kept for reference (quantized rows are frozen, so it has no effect on training).
+        bits, group_size: the quantization format (see :class:`metalq.MetalConfig`).
+        dtype: float dtype of ``scales``/``qbiases`` and of the output (default: torch's default dtype).
+        device: where to allocate; ``"meta"`` builds a shell for ``load_state_dict(..., assign=True)``.
+
+    Example:
+        >>> emb = MetalEmbedding.from_embedding(nn.Embedding(32000, 4096), bits=4, group_size=64)
+        >>> h = emb(torch.tensor([[1, 2, 3]]))          # (1, 3, 4096)
+        >>> logits = emb.as_linear(h)                    # (1, 3, 32000): a tied output head
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: Optional[int] = None,
+        bits: int = DEFAULT_BITS,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        check_format("MetalEmbedding", bits, group_size)
+        if embedding_dim % group_size:
+            raise ValueError(
+                f"MetalEmbedding: embedding_dim={embedding_dim} must be divisible by group_size={group_size}"
+            )
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.bits, self.group_size = bits, group_size
+        groups = (num_embeddings, embedding_dim // group_size)
+        self.register_buffer(
+            "weight", torch.zeros(num_embeddings, embedding_dim * bits // 32, dtype=torch.uint32, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
+        self.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
+
+    @classmethod
+    def from_embedding(
+        cls, embedding: nn.Embedding, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "MetalEmbedding":
+        """Quantize ``embedding.weight`` row by row (bit-identical to ``mx.quantize``); scales keep its dtype."""
+        if embedding.max_norm is not None:
+            raise ValueError("MetalEmbedding.from_embedding: max_norm renormalises rows in place; not supported")
+        weight = embedding.weight.detach()
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            bits=bits,
+            group_size=group_size,
+            dtype=weight.dtype,
+            device="meta",  # the buffers are replaced just below
+        )
+        layer.weight, layer.scales, layer.qbiases = affine_quantize(weight, group_size, bits)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        # index_select on the int32 view: uint32 has few kernels on CPU and MPS
+        rows = self.weight.view(torch.int32).index_select(0, flat).view(torch.uint32)
+        out = affine_dequantize(
+            rows, self.scales.index_select(0, flat), self.qbiases.index_select(0, flat), self.group_size, self.bits
+        )
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ dequantize(table).T``: scores against every row, for an output head tied to this table.
+
+        Args:
+            x: ``(..., embedding_dim)`` float32, float16 or bfloat16.
+
+        Returns:
+            ``(..., num_embeddings)`` in ``x.dtype`` (MLX ``QuantizedEmbedding.as_linear``).
+        """
+        return affine_qmm_t(
+            x, self.weight, self.scales.to(x.dtype), self.qbiases.to(x.dtype), self.group_size, self.bits
+        )
+
+    def dequantize(self) -> nn.Embedding:
+        """A float ``nn.Embedding`` holding ``scales * q + qbiases``, in the dtype and on the device of ``scales``."""
+        embedding = nn.Embedding(
+            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=self.scales.dtype, device="meta"
+        )
+        embedding.weight = nn.Parameter(
+            affine_dequantize(self.weight, self.scales, self.qbiases, self.group_size, self.bits)
+        )
+        return embedding
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+class MetalTiedHead(nn.Module):
+    """An output head tied to a :class:`MetalEmbedding`: ``forward(x) = embedding.as_linear(x) (+ bias)``.
+
+    It owns no copy of the table. The embedding is held by reference, not registered as a submodule, so
+    the state_dict has no duplicate of the table (as in an mlx-lm checkpoint with tied embeddings, which
+    has no ``lm_head`` tensors) and ``.to()`` moves the table once, through the embedding's own parent.
+
+    Args:
+        embedding: the input embedding whose rows score the outputs.
+        bias: optional float bias ``(num_embeddings,)``, kept as a parameter.
+    """
+
+    def __init__(self, embedding: MetalEmbedding, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule (see the class docstring)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.embedding.as_linear(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"tied to MetalEmbedding({self.embedding.extra_repr()}), bias={self.bias is not None}"
