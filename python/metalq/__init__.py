@@ -14,6 +14,7 @@ from .ops import (
     pack,
     unpack,
 )
+from .checkpoint import convert_checkpoint, load_quantized, save_quantized
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
@@ -33,4 +34,7 @@ __all__ = [
     "quantize_",
     "dequantize_",
     "replace_with_metal_linear",
+    "save_quantized",
+    "load_quantized",
+    "convert_checkpoint",
 ]

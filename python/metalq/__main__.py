@@ -1,0 +1,84 @@
+"""``python -m metalq``: command-line tools. ``convert`` rewrites checkpoint directories (see ``--help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+_CONVERT_HELP = """\
+Convert a checkpoint directory, streaming one tensor at a time:
+
+  float Hugging Face model    -> Metal-quantized (transformers' MetalConfig layout; --to mlx for mlx-lm's)
+  mlx-lm quantized directory  -> Metal-quantized (the offsets renamed biases -> qbiases)
+  Metal-quantized directory   -> mlx-lm directory that mlx_lm.load reads
+
+The kind of SOURCE is read from its config.json. The output directory is written under a temporary name
+and renamed at the end: an error or Ctrl-C leaves nothing behind.
+
+examples:
+  python -m metalq convert ./Llama-3.2-1B ./Llama-3.2-1B-metal-4bit --bits 4 --group-size 64 --skip lm_head
+  python -m metalq convert ./Llama-3.2-1B-Instruct-4bit ./llama-metal          (an mlx-community download)
+  python -m metalq convert ./llama-metal ./llama-mlx --to mlx
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m metalq", description="metalq command-line tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert = commands.add_parser(
+        "convert",
+        help="convert a float, Metal or mlx-lm checkpoint directory",
+        description=_CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("source", metavar="SOURCE", help="input directory (config.json + safetensors)")
+    convert.add_argument("destination", metavar="DEST", help="output directory (must not exist, see --overwrite)")
+    convert.add_argument("--to", choices=("metal", "mlx"), default=None,
+                         help="output spelling (default: metal; mlx for a Metal-quantized source)")
+    convert.add_argument("--bits", type=int, default=None, choices=SUPPORTED_BITS,
+                         help=f"bits per weight for a float source (default {DEFAULT_BITS})")
+    convert.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
+                         help=f"weights per scale/bias pair for a float source (default {DEFAULT_GROUP_SIZE})")
+    convert.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                         help="keep matching modules in float: a full name, a prefix ending at a module boundary "
+                              "or a suffix such as lm_head (repeatable)")
+    convert.add_argument("--embeddings", action="store_true",
+                         help="also quantize nn.Embedding tables (as mlx-lm does)")
+    convert.add_argument("--max-shard-size", default="5GB",
+                         help="split the safetensors files above this size, e.g. 2GB (default 5GB)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    convert.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoint import convert_checkpoint  # after parsing: --help needs no torch import
+
+    try:
+        out = convert_checkpoint(
+            args.source,
+            args.destination,
+            to=args.to,
+            bits=args.bits,
+            group_size=args.group_size,
+            skip=args.skip,
+            embeddings=args.embeddings,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("metalq convert: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as error:
+        print(f"metalq convert: error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1034 @@
+"""Checkpoint I/O: quantized safetensors directories in transformers' Metal layout or mlx-lm's layout.
+
+One format, two spellings (style guide rule 17). The packed tensors are MLX's exactly; a module is
+quantized when ``{path}.scales`` is among the tensors.
+
+- ``"metal"``: ``{path}.weight`` uint32, ``{path}.scales``, ``{path}.qbiases``; ``config.json`` carries
+  ``quantization_config`` as :meth:`MetalConfig.to_dict` writes it (one bits/group_size for every layer).
+- ``"mlx"``: the offsets are named ``{path}.biases``; ``config.json`` carries mlx-lm's ``quantization`` block
+  (``group_size``, ``bits``, ``mode`` plus per-path overrides) and an identical ``quantization_config``; the
+  safetensors metadata is ``{"format": "mlx"}``. ``mlx_lm.load`` reads these directories.
+
+Writing streams one tensor at a time into a temporary sibling directory that is renamed into place at the
+end, so an interrupted save leaves no output directory. Loading checks every tensor name, shape and dtype
+against the model before it changes anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QUANT_METHOD, MetalConfig, check_format
+from .linear import MetalLinear
+from .ops import affine_dequantize, affine_quantize
+
+FORMATS = ("metal", "mlx")
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+DEFAULT_MAX_SHARD_SIZE = 5 << 30  # as transformers' save_pretrained and mlx-lm's make_shards
+_BIASES = {"metal": "qbiases", "mlx": "biases"}
+_PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB on
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+def save_quantized(
+    model: nn.Module,
+    directory: PathLike,
+    config: Optional[MetalConfig] = None,
+    *,
+    format: str = "metal",
+    model_config: Optional[dict[str, Any]] = None,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+    extra_files: Iterable[PathLike] = (),
+) -> Path:
+    """Write ``model`` as a quantized safetensors directory, streaming tensor by tensor; ``model`` is not changed.
+
+    Args:
+        model: a module holding :class:`MetalLinear` (and ``MetalEmbedding``) layers, or float ``nn.Linear``
+            layers that ``config`` selects; those are quantized one at a time as they are written.
+        directory: the output directory; it must not exist unless ``overwrite=True``. It appears only
+            once complete: a failure or Ctrl-C leaves no partial directory behind.
+        config: quantize the float ``nn.Linear`` layers it selects (``modules_to_not_convert`` honoured;
+            layers whose ``in_features`` does not fit ``group_size`` stay float). ``None``: save as is.
+        format: ``"metal"`` (transformers' layout: every quantized layer must share bits and group_size)
+            or ``"mlx"`` (mlx-lm's layout, per-layer bits and group sizes allowed).
+        model_config: the model's ``config.json`` content (default: ``model.config.to_dict()`` when the model
+            has a transformers config, else ``{}``); the quantization entries are added to a copy.
+        max_shard_size: bytes (or a string such as ``"2GB"``) per safetensors file; above it the tensors are
+            split into ``model-0000i-of-0000n.safetensors`` files with a ``model.safetensors.index.json``.
+        overwrite: replace an existing ``directory`` (swapped in only after the new one is complete).
+        progress: show a tqdm bar (default: from 1 GiB of tensors on).
+        extra_files: files copied into the directory as well (tokenizer files, ``generation_config.json``).
+
+    Returns:
+        The output directory as a ``Path``.
+
+    Example:
+        >>> metalq.save_quantized(model, "llama-4bit", metalq.MetalConfig(bits=4, group_size=64))
+        >>> metalq.save_quantized(model, "llama-4bit-mlx", format="mlx")   # mlx_lm.load reads it
+    """
+    _check_format_name(format)
+    limit = parse_size(max_shard_size)
+    if config is not None and not isinstance(config, MetalConfig):
+        raise TypeError(f"save_quantized: config must be a MetalConfig or None, got {type(config).__name__}")
+    layers, refs = _model_sources(model, config)
+    if not layers:
+        raise ValueError("save_quantized: the model has no quantized layer (pass a MetalConfig to quantize it)")
+    base = model_config
+    if base is None:
+        hf_config = getattr(model, "config", None)
+        base = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
+    float_linears = [
+        fqn for fqn, module in model.named_modules() if _is_linear(module) and fqn not in layers
+    ]
+    out_config = quantized_model_config(base, layers, format, float_linears, config)
+    entries = _output_entries(refs, layers, format)
+    extra_files = [Path(file) for file in extra_files]
+    for file in extra_files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: extra file not found")
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        for file in extra_files:
+            shutil.copy2(file, tmp / file.name)
+        write_checkpoint(tmp, entries, out_config, format, limit, progress)
+    return Path(directory)
+
+
+def load_quantized(
+    model: nn.Module,
+    directory: PathLike,
+    *,
+    strict: bool = True,
+    progress: Optional[bool] = None,
+) -> nn.Module:
+    """Load a Metal or mlx-lm quantized directory into ``model``, swapping in :class:`MetalLinear` layers.
+
+    ``model`` is the float architecture (possibly built on the ``meta`` device), or one already prepared with
+    :func:`metalq.replace_with_metal_linear`. A module is quantized when ``{path}.scales`` is in the checkpoint;
+    for mlx-lm directories also when its path has an entry in the ``quantization`` block, which gives its
+    bits and group size (otherwise they follow from the tensor shapes, as in ``mlx_lm.load``). For a Metal
+    directory every ``nn.Linear`` not in ``modules_to_not_convert`` must be quantized, with the config's
+    bits and group size. Quantized embeddings become ``metalq.MetalEmbedding`` (a tied output head reads the
+    same table), or float ``nn.Embedding`` with a warning when that class is unavailable.
+
+    Every tensor is checked (present, shape, dtype kind) and read before the model changes: on any error
+    (missing or misshapen tensor, truncated file, unknown ``quant_method``) the model is untouched. Loaded
+    tensors keep the checkpoint's dtypes; they go to the device of the tensor they replace (CPU for ``meta``).
+
+    Args:
+        model: the module to fill, in place.
+        directory: a directory with ``config.json`` and ``model.safetensors`` or sharded files plus
+            ``model.safetensors.index.json``.
+        strict: fail on checkpoint tensors that the model has no place for.
+        progress: show a tqdm bar (default: from 1 GiB of tensors on).
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = transformers.AutoModelForCausalLM.from_config(config)
+        >>> metalq.load_quantized(model, "Llama-3.2-1B-Instruct-4bit")   # an mlx-community directory
+    """
+    directory = Path(directory)
+    scheme = read_quantization(read_config(directory), directory / CONFIG_NAME)
+    with Checkpoint(directory) as checkpoint:
+        plan = _plan_load(model, checkpoint, scheme, strict)
+        tensors = _read_all(checkpoint, plan.needed, progress)
+    _apply(model, plan, tensors)
+    return model
+
+
+def convert_checkpoint(
+    source: PathLike,
+    destination: PathLike,
+    *,
+    to: Optional[str] = None,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    skip: Iterable[str] = (),
+    embeddings: bool = False,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+) -> Path:
+    """Convert a checkpoint directory file to file, one tensor in memory at a time (``python -m metalq convert``).
+
+    - a float Hugging Face directory (no quantization entry) is quantized: every ``nn.Linear`` of the
+      architecture (built on the ``meta`` device with transformers, so no weights are materialised) whose
+      name matches no ``skip`` pattern and whose ``in_features`` fits ``group_size``; with ``embeddings=True``
+      the ``nn.Embedding`` tables too, as mlx-lm does;
+    - a Metal or mlx-lm quantized directory is rewritten in the other spelling (a rename of the offsets and
+      a new quantization entry; the packed tensors are copied unchanged).
+
+    Other files of ``source`` (tokenizer, ``generation_config.json``, ...) are copied; weights in other formats
+    are not. The output directory appears only once complete.
+
+    Args:
+        source, destination: directories; ``destination`` must not exist unless ``overwrite``.
+        to: ``"metal"`` or ``"mlx"``; default: ``"metal"``, or the other spelling for a quantized source.
+        bits, group_size, skip, embeddings: quantization of a float source (default 4 bits, group size 64).
+        max_shard_size, progress: as :func:`save_quantized` (the bar shows by default here).
+
+    Returns:
+        ``Path(destination)``.
+    """
+    from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+    from .quantize import matches_module_name
+
+    source = Path(source)
+    config = read_config(source)
+    try:
+        kind = checkpoint_kind(config)
+    except ValueError as error:
+        raise ValueError(f"{source / CONFIG_NAME}: {error}") from None
+    skip = list(skip)
+    if to is not None:
+        _check_format_name(to)
+    limit = parse_size(max_shard_size)
+    if kind is not None and (bits is not None or group_size is not None or skip or embeddings):
+        raise ValueError(f"{source} is already quantized ({kind}); bits, group_size, skip and embeddings apply "
+                         f"only to float checkpoints")
+    if kind is None:
+        to = to or "metal"
+        bits = DEFAULT_BITS if bits is None else bits
+        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        check_format("convert", bits, group_size)
+        model = _meta_model(source, required=True)
+    else:
+        to = to or ("mlx" if kind == "metal" else "metal")
+        scheme = read_quantization(config, source / CONFIG_NAME)
+        model = _meta_model(source, required=False)
+    with Checkpoint(source) as checkpoint:
+        refs = checkpoint.refs
+        if kind is None:
+            layers, misfits = {}, []
+            for fqn, module in model.named_modules():
+                is_table = embeddings and isinstance(module, nn.Embedding)
+                if not (_is_linear(module) or is_table) or f"{fqn}.weight" not in refs:
+                    continue
+                if any(matches_module_name(fqn, pattern) for pattern in skip):
+                    continue
+                if refs[f"{fqn}.weight"].shape[-1] % group_size:
+                    misfits.append(fqn)
+                    continue
+                layers[fqn] = (bits, group_size)
+            if misfits:
+                warnings.warn(f"convert: kept {len(misfits)} layer(s) in float because in_features is not divisible "
+                              f"by group_size={group_size}: {', '.join(misfits)}", stacklevel=2)
+            if not layers:
+                raise ValueError(f"{source}: no nn.Linear of the model matches a tensor of the checkpoint")
+        else:
+            layers = _layers_from_scheme(scheme, refs)
+        float_linears = []
+        if model is not None:
+            float_linears = [
+                fqn for fqn, module in model.named_modules()
+                if _is_linear(module) and f"{fqn}.weight" in refs and fqn not in layers
+            ]
+        out_config = quantized_model_config(config, layers, to, float_linears)
+        entries = _output_entries(refs, layers, to)
+        with atomic_directory(destination, overwrite=overwrite) as tmp:
+            for file in sorted(source.iterdir()):
+                if file.is_file() and file.name not in (CONFIG_NAME, INDEX_NAME) and file.suffix not in _WEIGHT_SUFFIXES:
+                    shutil.copy2(file, tmp / file.name)
+            write_checkpoint(tmp, entries, out_config, to, limit, True if progress is None else progress)
+    return Path(destination)
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz", ".ckpt"}
+
+
+def _meta_model(directory: Path, required: bool) -> Optional[nn.Module]:
+    """The architecture of a transformers directory on the ``meta`` device (for its module names and types)."""
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                return transformers.AutoModel.from_config(config)
+    except Exception as error:  # noqa: BLE001  (any failure means: architecture unknown)
+        if required:
+            raise ValueError(
+                f"{directory}: cannot build the model architecture with transformers to find its Linear layers "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        return None
+
+
+def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str, tuple[int, int]]:
+    """``(bits, group_size)`` of every module with ``scales`` in a quantized checkpoint, checked against the shapes."""
+    layers = {}
+    for name, scales in refs.items():
+        if not name.endswith(".scales"):
+            continue
+        path = name[: -len(".scales")]
+        weight = refs.get(f"{path}.weight")
+        if weight is None:
+            raise ValueError(f"missing tensor {path + '.weight'!r}: {path} has scales")
+        if f"{path}.{_BIASES[scheme.kind]}" not in refs:
+            raise ValueError(f"missing tensor {path + '.' + _BIASES[scheme.kind]!r}: {path} is quantized")
+        bits, group_size = scheme.bits, scheme.group_size
+        if scheme.kind == "mlx" and path in scheme.overrides:
+            if scheme.overrides[path] is None:
+                raise ValueError(f"{path} has scales but quantization[{path!r}] is false")
+            bits, group_size = scheme.overrides[path]
+        elif scheme.kind == "mlx" and len(scales.shape) == 2 and scales.shape[1]:
+            group_size = weight.shape[-1] * 32 // bits // scales.shape[1]  # mlx-lm infers unlisted layers
+        columns = weight.shape[-1] * 32 // bits if weight.shape else 0
+        if (len(weight.shape) != 2 or len(scales.shape) != 2 or weight.dtype != torch.uint32
+                or columns != scales.shape[1] * group_size or scales.shape[0] != weight.shape[0]):
+            raise ValueError(
+                f"tensor {name!r} has shape {scales.shape} and {path}.weight {weight.dtype} {weight.shape}: "
+                f"they do not fit bits={bits}, group_size={group_size}"
+            )
+        try:
+            check_format(path, bits, group_size)
+        except ValueError as error:
+            raise ValueError(f"{error} (from the shapes of {path}.weight and {name})") from None
+        layers[path] = (bits, group_size)
+    if not layers:
+        raise ValueError("the checkpoint declares quantization but holds no '.scales' tensor")
+    return layers
+
+
+# ---- config.json -------------------------------------------------------------------------------------
+
+@dataclass
+class Scheme:
+    """The quantization a ``config.json`` declares.
+
+    ``kind`` is ``"metal"`` or ``"mlx"``; ``bits``/``group_size`` the defaults; ``overrides`` maps a module path
+    to ``(bits, group_size)`` or ``None`` (kept float) for mlx-lm's per-path entries;
+    ``modules_to_not_convert`` is the Metal config's list.
+    """
+
+    kind: str
+    bits: int
+    group_size: int
+    overrides: dict[str, Optional[tuple[int, int]]]
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+def read_config(directory: PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of ``directory`` (errors name the file)."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every checkpoint directory needs a config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
+
+
+def checkpoint_kind(config: dict[str, Any]) -> Optional[str]:
+    """``"mlx"``, ``"metal"``, or ``None`` for an unquantized model; raises on another ``quant_method``."""
+    if isinstance(config.get("quantization"), dict):
+        return "mlx"
+    quantization_config = config.get("quantization_config")
+    if quantization_config is None:
+        return None
+    if not isinstance(quantization_config, dict):
+        raise ValueError(f"quantization_config must be an object, got {quantization_config!r}")
+    method = quantization_config.get("quant_method")
+    if method == QUANT_METHOD:
+        return "metal"
+    raise ValueError(
+        f"quantization_config.quant_method={method!r} is not supported: metalq reads quant_method "
+        f"{QUANT_METHOD!r} (transformers' MetalConfig) and mlx-lm's 'quantization' block"
+    )
+
+
+def read_quantization(config: dict[str, Any], where: PathLike = CONFIG_NAME) -> Scheme:
+    """Parse the quantization entries of a ``config.json`` into a :class:`Scheme` (errors name the field)."""
+    try:
+        kind = checkpoint_kind(config)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if kind is None:
+        raise ValueError(f"{where}: no 'quantization_config' or 'quantization' entry: not a quantized checkpoint")
+    if kind == "metal":
+        try:
+            metal = MetalConfig.from_dict(config["quantization_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: quantization_config: {error}") from None
+        return Scheme("metal", metal.bits, metal.group_size, {}, tuple(metal.modules_to_not_convert or ()))
+    block = config["quantization"]
+    bits, group_size = _mlx_entry(block, "quantization", where)
+    overrides: dict[str, Optional[tuple[int, int]]] = {}
+    for key, value in block.items():
+        if key in ("bits", "group_size", "mode"):
+            continue
+        field = f"quantization[{key!r}]"
+        if isinstance(value, bool):
+            overrides[key] = (bits, group_size) if value else None
+        elif isinstance(value, dict):
+            overrides[key] = _mlx_entry({"bits": bits, "group_size": group_size, **value}, field, where)
+        else:
+            raise ValueError(f"{where}: {field} must be an object or a boolean, got {value!r}")
+    return Scheme("mlx", bits, group_size, overrides)
+
+
+def _mlx_entry(entry: dict, field: str, where) -> tuple[int, int]:
+    mode = entry.get("mode", "affine")
+    if mode != "affine":
+        raise ValueError(f"{where}: {field}.mode={mode!r} is not supported (metalq reads mode 'affine')")
+    for key in ("bits", "group_size"):
+        if key not in entry:
+            raise ValueError(f"{where}: {field} has no {key!r}")
+    try:
+        check_format(f"{field}", entry["bits"], entry["group_size"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return entry["bits"], entry["group_size"]
+
+
+def quantized_model_config(
+    base: dict[str, Any],
+    layers: dict[str, tuple[int, int]],
+    format: str,
+    float_linears: Iterable[str] = (),
+    config: Optional[MetalConfig] = None,
+) -> dict[str, Any]:
+    """``base`` plus the quantization entries for quantized ``layers`` (path -> ``(bits, group_size)``).
+
+    ``"metal"`` requires one format for all layers and writes ``quantization_config = MetalConfig.to_dict()``
+    (the float ``nn.Linear`` layers listed in ``modules_to_not_convert``); ``"mlx"`` writes mlx-lm's
+    ``quantization`` block (the most common format, then per-path overrides) and an identical
+    ``quantization_config``.
+    """
+    _check_format_name(format)
+    out = {key: value for key, value in base.items() if key not in ("quantization", "quantization_config")}
+    if not layers:
+        raise ValueError("no quantized layer to describe")
+    if format == "metal":
+        bits, group_size = (config.bits, config.group_size) if config is not None else next(iter(layers.values()))
+        for path, (layer_bits, layer_group_size) in layers.items():
+            if (layer_bits, layer_group_size) != (bits, group_size):
+                raise ValueError(
+                    f"{path} has bits={layer_bits}, group_size={layer_group_size} but the Metal format holds one "
+                    f"format for all layers (bits={bits}, group_size={group_size}); save with format='mlx'"
+                )
+        skipped = list(dict.fromkeys([*(config.modules_to_not_convert or () if config else ()), *float_linears]))
+        metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=skipped or None)
+        out["quantization_config"] = metal.to_dict()
+        return out
+    (bits, group_size), _ = Counter(layers.values()).most_common(1)[0]
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, (layer_bits, layer_group_size) in layers.items():
+        if (layer_bits, layer_group_size) != (bits, group_size):
+            block[path] = {"group_size": layer_group_size, "bits": layer_bits, "mode": "affine"}
+    out["quantization"] = block
+    out["quantization_config"] = dict(block)
+    return out
+
+
+# ---- reading safetensors -------------------------------------------------------------------------------
+
+@dataclass
+class TensorRef:
+    """A tensor known by dtype and shape, read on demand."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    where: str
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+class Checkpoint:
+    """The tensors of a safetensors directory: ``model.safetensors``, or shards listed by
+    ``model.safetensors.index.json``, or (as mlx-lm globs) ``model*.safetensors``.
+
+    Every header is parsed and checked against its file size on opening (a truncated file is an error that
+    names it). Use as a context manager; ``refs`` maps each tensor name to a :class:`TensorRef`.
+    """
+
+    def __init__(self, directory: PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.directory = Path(directory)
+        self._handles: dict[Path, Any] = {}
+        self.refs: dict[str, TensorRef] = {}
+        self.metadata: dict[Path, dict[str, str]] = {}
+        index_path = self.directory / INDEX_NAME
+        weight_map: Optional[dict[str, str]] = None
+        if index_path.is_file():
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{index_path}: not a safetensors index ({error!r})") from None
+            files = sorted({self.directory / name for name in weight_map.values()})
+        elif (self.directory / SINGLE_FILE).is_file():
+            files = [self.directory / SINGLE_FILE]
+        else:
+            files = sorted(self.directory.glob("model*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.directory}: no {SINGLE_FILE}, {INDEX_NAME} or model*.safetensors")
+        try:
+            for file in files:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file}: listed in {INDEX_NAME} but missing")
+                try:
+                    handle = safe_open(str(file), framework="pt")
+                except SafetensorError as error:
+                    raise ValueError(f"{file}: not a complete safetensors file ({error})") from None
+                self._handles[file] = handle
+                self.metadata[file] = handle.metadata() or {}
+                for name in handle.keys():
+                    if name in self.refs:
+                        raise ValueError(f"tensor {name!r} is stored twice: in {self.refs[name].where} and {file}")
+                    piece = handle.get_slice(name)
+                    dtype = _DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {piece.get_dtype()}")
+                    self.refs[name] = TensorRef(
+                        dtype, tuple(piece.get_shape()), _loader(handle, name), str(file)
+                    )
+            for name, file_name in (weight_map or {}).items():
+                ref = self.refs.get(name)
+                if ref is None or Path(ref.where).name != file_name:
+                    raise ValueError(f"{index_path}: tensor {name!r} is not in {file_name}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _loader(handle, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: handle.get_tensor(name)
+
+
+# ---- writing safetensors ---------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One output tensor: its name, dtype and shape up front (for the header), its data on demand."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``directory``; rename it to ``directory`` when the block succeeds,
+    delete it when the block raises (``KeyboardInterrupt`` included)."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory}: exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = directory.parent / f".{directory.name}.tmp-{token}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if directory.exists():  # overwrite: swap, then drop the old directory
+            old = directory.parent / f".{directory.name}.old-{token}"
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(
+    directory: Path,
+    entries: list[Entry],
+    config: Optional[dict[str, Any]],
+    format: str,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Optional[bool] = None,
+) -> None:
+    """Write ``entries`` as safetensors shards (and the index when there are several) plus ``config.json``."""
+    _check_format_name(format)
+    names = Counter(entry.name for entry in entries)
+    duplicates = [name for name, count in names.items() if count > 1]
+    if duplicates:
+        raise ValueError(f"tensor names written twice: {duplicates}")
+    shards: list[list[Entry]] = []
+    size = 0
+    for entry in entries:
+        if not shards or (shards[-1] and size + entry.nbytes > max_shard_size):
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    if not shards:
+        shards.append([])
+    metadata = {"format": "mlx" if format == "mlx" else "pt"}
+    total = sum(entry.nbytes for entry in entries)
+    show = total >= _PROGRESS_MIN_BYTES if progress is None else progress
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show) as bar:
+        for i, shard in enumerate(shards):
+            file_name = SINGLE_FILE if len(shards) == 1 else SHARD_NAME.format(i + 1, len(shards))
+            _write_safetensors(directory / file_name, shard, metadata, bar)
+            weight_map.update({entry.name: file_name for entry in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(directory / INDEX_NAME, index)
+    if config is not None:
+        _write_json(directory / CONFIG_NAME, config)
+
+
+def _write_json(path: Path, content: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+
+
+def _write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str], bar) -> None:
+    """safetensors: u64 header length, JSON header (padded to 8 bytes), then the tensors back to back."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        dtype = _DTYPE_NAMES.get(entry.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {entry.name!r}: dtype {entry.dtype} cannot be stored in safetensors")
+        header[entry.name] = {"dtype": dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for entry in entries:
+            tensor = entry.produce()
+            if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise RuntimeError(
+                    f"tensor {entry.name!r}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"announced {entry.dtype} {entry.shape}"
+                )
+            if tensor.numel():
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(data.numpy()))
+            bar.update(entry.nbytes)
+            del tensor
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- output entries: renames and on-the-fly quantization ----------------------------------------------
+
+def _output_entries(
+    refs: dict[str, TensorRef],
+    layers: dict[str, tuple[int, int]],
+    format: str,
+) -> list[Entry]:
+    """The tensors to write: quantized layers in ``format``'s spelling, float weights of ``layers`` that have no
+    ``scales`` yet quantized on the fly (one layer in memory at a time), everything else unchanged."""
+    biases = _BIASES[format]
+    other = _BIASES["mlx" if format == "metal" else "metal"]
+    entries: list[Entry] = []
+    for name, ref in refs.items():
+        path, _, leaf = name.rpartition(".")
+        quantized = f"{path}.scales" in refs
+        if path in layers and not quantized and leaf == "weight":
+            entries.extend(_quantize_entries(path, ref, *layers[path], biases))
+        elif quantized and leaf == other:
+            entries.append(Entry(f"{path}.{biases}", ref.dtype, ref.shape, ref.load))
+        else:
+            entries.append(Entry(name, ref.dtype, ref.shape, ref.load))
+    return entries
+
+
+def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, biases: str) -> list[Entry]:
+    if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
+        raise ValueError(f"tensor {path}.weight: expected a 2-D float weight to quantize, got {ref.dtype} {ref.shape}")
+    rows, columns = ref.shape
+    if columns % group_size:
+        raise ValueError(f"tensor {path}.weight: {columns} columns are not divisible by group_size={group_size}")
+    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    memo: dict[str, torch.Tensor] = {}
+
+    def part(key: str) -> Callable[[], torch.Tensor]:
+        def produce() -> torch.Tensor:
+            if not memo:
+                weight = ref.load().to(dtype)
+                memo["weight"], memo["scales"], memo[biases] = affine_quantize(weight, group_size, bits)
+            return memo.pop(key)  # the last of the three frees the layer
+
+        return produce
+
+    groups = (rows, columns // group_size)
+    return [
+        Entry(f"{path}.weight", torch.uint32, (rows, columns * bits // 32), part("weight")),
+        Entry(f"{path}.scales", dtype, groups, part("scales")),
+        Entry(f"{path}.{biases}", dtype, groups, part(biases)),
+    ]
+
+
+def _model_sources(
+    model: nn.Module, config: Optional[MetalConfig]
+) -> tuple[dict[str, tuple[int, int]], dict[str, TensorRef]]:
+    """The quantized layers (existing, plus float Linears ``config`` selects) and the model's tensors, each
+    tied tensor once."""
+    from .quantize import matches_module_name
+
+    refs: dict[str, TensorRef] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue  # a tied tensor is stored once, as transformers and mlx-lm do
+        seen.add(id(tensor))
+        if tensor.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device: there is nothing to save")
+        refs[name] = TensorRef(tensor.dtype, tuple(tensor.shape), (lambda t=tensor: t.detach()), "model")
+    layers: dict[str, tuple[int, int]] = {}
+    misfits = []
+    for fqn, module in model.named_modules():
+        if _is_quantized_module(module):
+            layers[fqn] = (module.bits, module.group_size)
+        elif config is not None and _is_linear(module) and f"{fqn}.weight" in refs:
+            if any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
+                continue
+            if module.in_features % config.group_size:
+                misfits.append(fqn)
+                continue
+            layers[fqn] = (config.bits, config.group_size)
+    if misfits:
+        warnings.warn(
+            f"save_quantized: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
+            f"group_size={config.group_size}: {', '.join(misfits)}",
+            stacklevel=3,
+        )
+    return layers, refs
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    return "scales" in module._buffers and hasattr(module, "bits") and hasattr(module, "group_size")
+
+
+# ---- loading into a model ----------------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    fqns: list[str]
+    old: nn.Module
+    kind: str  # "linear" or "embedding"
+    bits: int
+    group_size: int
+    names: dict[str, str]  # role (weight, scales, biases, bias) -> checkpoint tensor name
+
+
+@dataclass
+class _LoadPlan:
+    layers: list[_Layer]
+    groups: list[tuple[list[str], str, torch.Tensor]]  # (model keys sharing one tensor, checkpoint name, old)
+    tied_heads: list[tuple[list[str], nn.Module, _Layer]]  # Linear heads tied to a quantized embedding
+    needed: list[str]
+
+
+def _quantizable(module: nn.Module) -> Optional[tuple[str, int, int]]:
+    """``(kind, in_features, out_features)`` for a layer a checkpoint may hold quantized."""
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.embedding_dim, module.num_embeddings
+    if _is_linear(module) or isinstance(module, MetalLinear):
+        return "linear", module.in_features, module.out_features
+    if _is_quantized_module(module) and hasattr(module, "embedding_dim"):
+        return "embedding", module.embedding_dim, module.num_embeddings
+    return None
+
+
+def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict: bool) -> _LoadPlan:
+    from .quantize import matches_module_name
+
+    refs = checkpoint.refs
+    where = lambda name: f"tensor {name!r} ({refs[name].where})"  # noqa: E731
+    biases = _BIASES[scheme.kind]
+    modules: dict[int, tuple[list[str], nn.Module]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if fqn and _quantizable(module) is not None:
+            modules.setdefault(id(module), ([], module))[0].append(fqn)
+
+    layers: list[_Layer] = []
+    covered: set[str] = set()  # model state keys owned by quantized layers
+    for fqns, module in modules.values():
+        kind, in_features, out_features = _quantizable(module)
+        path = next((f for f in fqns if f"{f}.scales" in refs), fqns[0])
+        override = scheme.overrides.get(path, False) if scheme.kind == "mlx" else False
+        if scheme.kind == "mlx":
+            quantized = override is not None and (override is not False or f"{path}.scales" in refs)
+        else:
+            excluded = any(matches_module_name(path, p) for p in scheme.modules_to_not_convert)
+            quantized = f"{path}.scales" in refs or (kind == "linear" and not excluded)
+        if isinstance(module, MetalLinear) and not quantized:
+            raise ValueError(f"{path} is a MetalLinear but the checkpoint holds no quantized tensors for it")
+        if not quantized:
+            continue
+        names = {"weight": f"{path}.weight", "scales": f"{path}.scales", "biases": f"{path}.{biases}"}
+        for role, name in names.items():
+            if name not in refs:
+                raise ValueError(f"missing tensor {name!r}: {path} is quantized ({scheme.kind} checkpoint)")
+        scales = refs[names["scales"]]
+        if override:
+            bits, group_size = override
+        elif scheme.kind == "mlx":  # mlx-lm infers the format of unlisted layers from the shapes
+            if len(scales.shape) != 2 or not scales.shape[1] or in_features % scales.shape[1]:
+                raise ValueError(f"{where(names['scales'])} has shape {scales.shape}, which does not fit "
+                                 f"{path} (in_features={in_features})")
+            group_size = in_features // scales.shape[1]
+            bits = refs[names["weight"]].shape[-1] * 32 // in_features
+            try:
+                check_format(path, bits, group_size)
+            except ValueError as error:
+                raise ValueError(f"{error} (inferred from the shapes of {path}.weight and {path}.scales)") from None
+        else:
+            bits, group_size = scheme.bits, scheme.group_size
+        if in_features % group_size:
+            raise ValueError(f"{path}: in_features={in_features} is not divisible by group_size={group_size}")
+        groups = (out_features, in_features // group_size)
+        expect = {
+            "weight": ((out_features, in_features * bits // 32), (torch.uint32,)),
+            "scales": (groups, (torch.float32, torch.float16, torch.bfloat16)),
+            "biases": (groups, (scales.dtype,)),
+        }
+        bias = getattr(module, "bias", None)
+        if kind == "linear" and bias is not None:
+            names["bias"] = f"{path}.bias"
+            if names["bias"] not in refs:
+                raise ValueError(f"missing tensor {names['bias']!r}")
+            expect["bias"] = ((out_features,), None)
+        for role, (shape, dtypes) in expect.items():
+            ref = refs[names[role]]
+            if ref.shape != shape:
+                raise ValueError(f"{where(names[role])} has shape {ref.shape}, expected {shape} "
+                                 f"for {path} (bits={bits}, group_size={group_size})")
+            if dtypes is not None and ref.dtype not in dtypes:
+                raise ValueError(f"{where(names[role])} has dtype {ref.dtype}, expected one of {dtypes}")
+        layers.append(_Layer(fqns, module, kind, bits, group_size, names))
+        for fqn in fqns:
+            covered.update(f"{fqn}.{leaf}" for leaf, _ in module.named_parameters(recurse=False))
+            covered.update(f"{fqn}.{leaf}" for leaf, _ in module.named_buffers(recurse=False))
+
+    state = model.state_dict(keep_vars=True)
+    tensor_groups: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        tensor_groups.setdefault(id(tensor), []).append(key)
+    embedding_of = {id(layer.old.weight): layer for layer in layers if layer.kind == "embedding"}
+    groups, tied_heads = [], []
+    for ident, keys in tensor_groups.items():
+        rest = [key for key in keys if key not in covered]
+        if not rest:
+            continue
+        present = [key for key in rest if key in refs]
+        if present:
+            name = present[0]
+            old = state[name]
+            for key in present:
+                ref = refs[key]
+                if ref.shape != tuple(old.shape):
+                    raise ValueError(f"{where(key)} has shape {ref.shape}, the model expects {tuple(old.shape)}")
+                if (ref.dtype.is_floating_point, old.dtype.is_floating_point) != (True, True) and ref.dtype != old.dtype:
+                    raise ValueError(f"{where(key)} has dtype {ref.dtype}, the model expects {old.dtype}")
+            groups.append((rest, name, old))
+            covered.update(present)
+        elif ident in embedding_of and all(key.endswith(".weight") for key in rest):
+            # an output head tied to an embedding that the checkpoint holds quantized
+            for key in rest:
+                head_path = key[: -len(".weight")]
+                head = model.get_submodule(head_path)
+                if not _is_linear(head):
+                    raise ValueError(f"{key} is tied to quantized {embedding_of[ident].fqns[0]} but is not a Linear")
+                tied_heads.append(([head_path], head, embedding_of[ident]))
+        else:
+            raise ValueError(f"missing tensor {rest[0]!r}: the model has it but the checkpoint does not")
+    used = {name for layer in layers for name in layer.names.values()} | {name for _, name, _ in groups}
+    used |= covered
+    unexpected = sorted(set(refs) - used)
+    if strict and unexpected:
+        shown = ", ".join(repr(name) for name in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(f"unexpected tensors in the checkpoint (the model has no place for them): {shown}{more}")
+    needed = sorted({name for layer in layers for name in layer.names.values()} | {name for _, name, _ in groups})
+    return _LoadPlan(layers, groups, tied_heads, needed)
+
+
+def _read_all(checkpoint: Checkpoint, names: list[str], progress: Optional[bool]) -> dict[str, torch.Tensor]:
+    refs = checkpoint.refs
+    total = sum(refs[name].nbytes for name in names)
+    show = total >= _PROGRESS_MIN_BYTES if progress is None else progress
+    tensors = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
+        for name in names:
+            try:
+                tensors[name] = refs[name].load()
+            except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
+                raise ValueError(f"tensor {name!r} ({refs[name].where}): cannot be read ({error})") from None
+            bar.update(refs[name].nbytes)
+    return tensors
+
+
+def _target_device(old: Optional[torch.Tensor]) -> torch.device:
+    return torch.device("cpu") if old is None or old.device.type == "meta" else old.device
+
+
+def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) -> None:
+    """Build every new layer, then swap them all in (nothing here can fail on the checkpoint's account)."""
+    import metalq
+
+    embedding_class = getattr(metalq, "MetalEmbedding", None)
+    tied_head_class = getattr(metalq, "MetalTiedHead", None)
+    dequantized = []
+    built: dict[int, nn.Module] = {}
+    for layer in plan.layers:
+        old = layer.old
+        device = _target_device(getattr(old, "weight", None))
+        get = lambda role: tensors[layer.names[role]].to(device)  # noqa: E731
+        weight, scales, biases = get("weight"), get("scales"), get("biases")
+        if layer.kind == "linear":
+            new = MetalLinear(old.in_features, old.out_features, bias="bias" in layer.names, bits=layer.bits,
+                              group_size=layer.group_size, dtype=scales.dtype, device="meta")
+            new.weight, new.scales, new.qbiases = weight, scales, biases
+            if "bias" in layer.names:
+                new.bias = nn.Parameter(get("bias"), requires_grad=old.bias.requires_grad)
+        elif embedding_class is not None:
+            new = embedding_class(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
+                                  bits=layer.bits, group_size=layer.group_size, dtype=scales.dtype, device="meta")
+            new.weight, new.scales, new.qbiases = weight, scales, biases
+        else:
+            new = nn.Embedding(old.num_embeddings, old.embedding_dim, padding_idx=getattr(old, "padding_idx", None),
+                               dtype=scales.dtype, device="meta")
+            new.weight = nn.Parameter(affine_dequantize(weight, scales, biases, layer.group_size, layer.bits),
+                                      requires_grad=False)
+            dequantized.append(layer.fqns[0])
+        built[id(layer)] = new
+    heads = []
+    for head_paths, head, layer in plan.tied_heads:
+        table = built[id(layer)]
+        bias = None if head.bias is None or head.bias.device.type == "meta" else head.bias
+        if isinstance(table, nn.Embedding):
+            heads.append((head_paths, None, table))  # share the float table's parameter
+        elif tied_head_class is not None:
+            heads.append((head_paths, tied_head_class(table, bias=bias), None))
+        else:
+            new = MetalLinear(table.embedding_dim, table.num_embeddings, bias=bias is not None, bits=layer.bits,
+                              group_size=layer.group_size, dtype=table.scales.dtype, device="meta")
+            new.weight, new.scales, new.qbiases = table.weight, table.scales, table.qbiases
+            if bias is not None:
+                new.bias = nn.Parameter(bias.detach().clone())
+            heads.append((head_paths, new, None))
+    if dequantized:
+        warnings.warn(
+            f"load_quantized: metalq.MetalEmbedding is unavailable; quantized embedding(s) {', '.join(dequantized)} "
+            f"were dequantized to float nn.Embedding",
+            stacklevel=3,
+        )
+    # ---- from here on the model changes
+    for layer in plan.layers:
+        for fqn in layer.fqns:
+            model.set_submodule(fqn, built[id(layer)])
+    for keys, name, old in plan.groups:
+        tensor = tensors[name].to(_target_device(old))
+        if isinstance(old, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
+        for key in keys:
+            module_path, _, leaf = key.rpartition(".")
+            module = model.get_submodule(module_path)
+            if leaf in module._parameters:
+                module._parameters[leaf] = tensor
+            else:
+                module._buffers[leaf] = tensor
+    for head_paths, new, table in heads:
+        for path in head_paths:
+            if new is None:
+                model.get_submodule(path).weight = table.weight
+            else:
+                model.set_submodule(path, new)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"`` or ``"1GiB"``."""
+    if isinstance(size, bool):
+        raise ValueError(f"max_shard_size: expected bytes or a size such as '2GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"max_shard_size: expected bytes or a size such as '2GB', got {size!r}")
+        number, prefix, binary = match.groups()
+        base = 1024 if binary else 1000
+        value = int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _check_format_name(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
