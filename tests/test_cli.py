@@ -1,0 +1,152 @@
+"""``python -m metalq convert``: float HF -> Metal, mlx-lm <-> Metal, errors, atomic output."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import metalq
+from metalq import MetalConfig, MetalLinear, load_quantized
+from metalq import checkpoint as ckpt
+from metalq.__main__ import main
+from test_checkpoint import (
+    assert_same_state,
+    float_llama,
+    leftovers,
+    make_tiny_llama,
+    meta_llama,
+    mlx_lm_convert,
+    mlx_weights,
+    require_mlx_lm,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("cli") / "hf")
+
+
+def run(*args, check=True):
+    """The real command line, in a subprocess."""
+    result = subprocess.run([sys.executable, "-m", "metalq", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_help():
+    result = run("convert", "--help")
+    for option in ("--bits", "--group-size", "--skip", "--to", "--max-shard-size", "--overwrite", "mlx_lm.load"):
+        assert option in result.stdout
+    top = run("--help")
+    assert "convert" in top.stdout
+
+
+def test_convert_float_to_metal(hf_dir, tmp_path):
+    result = run("convert", hf_dir, tmp_path / "out", "--bits", 4, "--group-size", 32, "--skip", "lm_head")
+    assert "wrote" in result.stdout and "writing" in result.stderr  # the tqdm bar
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "metal", "bits": 4, "group_size": 32, "modules_to_not_convert": ["lm_head"],
+    }
+    assert config["model_type"] == "llama" and config["hidden_size"] == 64
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    model = load_quantized(meta_llama(out), out)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert sum(isinstance(m, MetalLinear) for m in model.modules()) == 2 * 7
+    reference = float_llama(hf_dir)
+    metalq.quantize_(reference, MetalConfig(bits=4, group_size=32, modules_to_not_convert=["lm_head"]))
+    assert_same_state(reference, model)
+
+
+def test_convert_float_to_mlx_with_embeddings_is_mlx_lm_convert(hf_dir, tmp_path):
+    """Quantizing to the mlx-lm layout gives mlx_lm.convert's files, tensor for tensor."""
+    require_mlx_lm()
+    import numpy as np
+
+    assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "mlx", "--embeddings",
+                 "--group-size", "64", "--bits", "4", "--no-progress"]) == 0
+    theirs = mlx_lm_convert(hf_dir, tmp_path / "theirs", q_group_size=64, q_bits=4)
+    ours, reference = mlx_weights(tmp_path / "ours"), mlx_weights(theirs)
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        assert np.array_equal(np.array(ours[key]), np.array(reference[key])), key
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+def test_convert_mlx_to_metal_and_back(hf_dir, tmp_path):
+    mlx_lm = require_mlx_lm()
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    source = mlx_lm_convert(hf_dir, tmp_path / "mlx", q_group_size=32, q_bits=4)
+    assert main(["convert", str(source), str(tmp_path / "metal"), "--no-progress"]) == 0
+    metal = json.loads((tmp_path / "metal" / "config.json").read_text())
+    assert "quantization" not in metal
+    assert metal["quantization_config"] == {"quant_method": "metal", "bits": 4, "group_size": 32,
+                                            "modules_to_not_convert": None}
+    direct = load_quantized(meta_llama(source), source)
+    converted = load_quantized(meta_llama(tmp_path / "metal"), tmp_path / "metal")
+    assert_same_state(direct, converted)
+    assert main(["convert", str(tmp_path / "metal"), str(tmp_path / "back"), "--max-shard-size", "50kB",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    back, original = mlx_weights(tmp_path / "back"), mlx_weights(source)
+    assert back.keys() == original.keys()
+    for key in original:
+        assert np.array_equal(np.array(back[key]), np.array(original[key])), key
+    model, _ = mlx_lm.load(str(tmp_path / "back"))
+    assert dict(tree_flatten(model.parameters())).keys() == original.keys()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{missing}", "{out}"], "no such directory"),
+        (["{hf}", "{hf}"], "already exists"),
+        (["{hf}", "{out}", "--max-shard-size", "big"], "max_shard_size"),
+        (["{gptq}", "{out}"], "quant_method='gptq' is not supported"),
+        (["{nosafetensors}", "{out}"], "no model.safetensors"),
+    ],
+    ids=["missing-source", "existing-dest", "shard-size", "quant-method", "no-weights"],
+)
+def test_errors(hf_dir, tmp_path, capsys, args, message):
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    nosafetensors = tmp_path / "nosafetensors"
+    nosafetensors.mkdir()
+    shutil.copy(hf_dir / "config.json", nosafetensors / "config.json")
+    paths = {"missing": tmp_path / "missing", "out": tmp_path / "out", "hf": hf_dir, "gptq": gptq,
+             "nosafetensors": nosafetensors}
+    assert main([arg.format(**paths) for arg in ["convert", *args]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("metalq convert: error:") and message in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_bad_option_exits_nonzero():
+    result = run("convert", "a", "b", "--bits", "7", check=False)
+    assert result.returncode == 2 and "--bits" in result.stderr
+
+
+def test_interrupt_leaves_no_output(hf_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "affine_quantize", interrupted)
+    assert main(["convert", str(hf_dir), str(tmp_path / "out"), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_quantized_source_rejects_quantization_options(hf_dir, tmp_path, capsys):
+    assert main(["convert", str(hf_dir), str(tmp_path / "metal"), "--no-progress"]) == 0
+    assert main(["convert", str(tmp_path / "metal"), str(tmp_path / "again"), "--bits", "8"]) == 1
+    assert "already quantized" in capsys.readouterr().err
+    assert not Path(tmp_path / "again").exists()
