@@ -401,13 +401,15 @@ def make_tiny_llama(path: Path, tie: bool = False):
     return path
 
 
-def meta_llama(directory: Path):
+def meta_llama(directory: Path, device="cpu"):
+    """The float architecture of ``directory`` (load_quantized swaps the layers). On ``cpu`` by default: on
+    ``meta`` the non-persistent rotary buffers, which no checkpoint holds, would stay unusable."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(directory))
-    if hasattr(config, "quantization_config"):  # build the float architecture; load_quantized swaps the layers
+    if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
+    with torch.device(device):
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
@@ -489,6 +491,16 @@ def test_mlx_lm_directory_loads_bit_exact(llama_dirs, which):
     for name, module in linears:
         assert (module.bits, module.group_size) == overrides.get(name, default), name
     assert isinstance(model.model.embed_tokens, metalq.MetalEmbedding)
+    # the loaded model computes what mlx-lm's does
+    import mlx.core as mx
+    import numpy as np
+
+    mlx_model, _ = require_mlx_lm().load(str(directory))
+    tokens = [[1, 5, 7, 9, 11, 13]]
+    expected = np.array(mlx_model(mx.array(tokens)))
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens)).logits
+    torch.testing.assert_close(logits, torch.from_numpy(expected), rtol=1e-4, atol=1e-4)
     # and metalq's own quantization of the float weights gives the same tensors
     reference = float_llama(llama_dirs["hf"])
     metalq.quantize_(
@@ -499,6 +511,13 @@ def test_mlx_lm_directory_loads_bit_exact(llama_dirs, which):
     reference_state = reference.state_dict()
     for key in state:
         assert torch.equal(state[key], reference_state[key]), key
+
+
+def test_meta_model_warns_about_unloaded_buffers(llama_dirs):
+    directory = llama_dirs["gs32"]
+    with pytest.warns(UserWarning, match=r"rotary_emb\.inv_freq.*still on the meta device"):
+        model = load_quantized(meta_llama(directory, device="meta"), directory)
+    assert not any(p.is_meta for p in model.parameters())
 
 
 def test_mlx_lm_round_trip_and_mlx_lm_load(llama_dirs, tmp_path):

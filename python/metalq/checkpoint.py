@@ -165,6 +165,14 @@ def load_quantized(
         plan = _plan_load(model, checkpoint, scheme, strict)
         tensors = _read_all(checkpoint, plan.needed, progress)
     _apply(model, plan, tensors)
+    still_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if still_meta:
+        warnings.warn(
+            f"load_quantized: {', '.join(still_meta[:4])}{' ...' if len(still_meta) > 4 else ''} are not in the "
+            f"checkpoint (non-persistent buffers) and are still on the meta device; build the model with only its "
+            f"parameters on meta (e.g. accelerate.init_empty_weights()) to keep them",
+            stacklevel=2,
+        )
     return model
 
 
@@ -490,7 +498,10 @@ class Checkpoint:
     """
 
     def __init__(self, directory: PathLike):
-        from safetensors import SafetensorError, safe_open
+        try:
+            from safetensors import SafetensorError, safe_open
+        except ImportError:
+            raise ImportError("reading checkpoints needs safetensors: pip install safetensors") from None
 
         self.directory = Path(directory)
         self._handles: dict[Path, Any] = {}
