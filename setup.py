@@ -7,6 +7,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "tools"))
+import embed_metal  # noqa: E402  (tools/: metal/*.metal -> the header csrc/mps embeds)
 
 
 def _sources():
@@ -24,7 +26,29 @@ def _compile_args():
     if sys.platform.startswith("linux"):
         # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs on one thread.
         cxx.append("-fopenmp")
+    if sys.platform == "darwin":
+        # clang compiles csrc/mps/*.mm as Objective-C++ by extension; ARC manages the Metal objects
+        # there (no effect on the .cpp files).
+        cxx.append("-fobjc-arc")
     return {"cxx": cxx}
+
+
+def _link_args():
+    if sys.platform == "darwin":
+        return ["-framework", "Metal", "-framework", "Foundation"]
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+class _BuildExtension(BuildExtension):
+    """On macOS, first writes the embedded Metal library header (tools/embed_metal.py) into the build tree."""
+
+    def build_extensions(self):
+        if sys.platform == "darwin":
+            generated = os.path.join(os.path.abspath(self.build_temp), "metalq_generated")
+            embed_metal.generate(os.path.join(HERE, "metal"), generated)
+            for ext in self.extensions:
+                ext.include_dirs.append(generated)
+        super().build_extensions()
 
 
 setup(
@@ -34,8 +58,8 @@ setup(
             sources=_sources(),
             include_dirs=[os.path.join(HERE, "metal"), os.path.join(HERE, "csrc")],
             extra_compile_args=_compile_args(),
-            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            extra_link_args=_link_args(),
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
 )
