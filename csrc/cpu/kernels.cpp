@@ -7,12 +7,6 @@
 
 namespace metalq::cpu {
 
-namespace generic { const KernelTable& table(); }
-#if defined(__x86_64__) || defined(_M_X64)
-namespace avx2 { const KernelTable& table(); }
-namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }
-#endif
-
 namespace {
 
 // The AVX2 table plus the AVX512-BF16 product for bfloat16 activations.

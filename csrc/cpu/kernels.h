@@ -58,6 +58,13 @@ inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
   return M * (W.cols + W.groups_per_row());
 }
 
+// Each variant, for the selection below and for tests that compare variants.
+namespace generic { const KernelTable& table(); }
+#if defined(__x86_64__) || defined(_M_X64)
+namespace avx2 { const KernelTable& table(); }
+namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }  // bits 1, 2, 4, 8; null otherwise
+#endif
+
 // The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.
 const KernelTable& kernels();
 

@@ -143,7 +143,7 @@ METALQ_FN inline fvec lane_scales(const PackedMatrix& W, const void* table, int6
     case 2: return lane_scales_run<2, SK>(table, first);
     case 4: return lane_scales_run<4, SK>(table, first);
     case 8: return lane_scales_run<8, SK>(table, first);
-    default: return lane_scales_run<(VW < 16 ? VW : 16), SK>(table, first);
+    default: return lane_scales_run<VW, SK>(table, first);
   }
 }
 
@@ -235,8 +235,8 @@ METALQ_FN inline void row_dot_upto(const PackedMatrix& W, int64_t n, const float
 
 template <class D, ScalarKind SK>
 METALQ_FN void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  // Rows of x sharing one decode of W: as many as the register file holds accumulators for.
-  constexpr int kRows = VW == 16 ? 8 : 4;
+  // Rows of x sharing one decode of W: 4 rows of accumulators (x 1 chain) fill the 16 vector registers.
+  constexpr int kRows = 4;
   const int64_t stride = W.cols + W.groups_per_row();
   float r[kRows];
   for (int64_t n = n0; n < n1; ++n) {
@@ -432,7 +432,7 @@ struct DequantizeBF16 {
 
 }  // namespace
 
-METALQ_FN const KernelTable& table() {
+const KernelTable& table() {
   static const KernelTable t{
       METALQ_ISA_NAME,
       [](const PackedMatrix& W, const float* x, int64_t M, float* scratch) { dispatch<PrepareX>(W, x, M, scratch); },

@@ -11,14 +11,6 @@
 
 #include "kernels.h"
 
-namespace metalq::cpu {
-namespace generic { const KernelTable& table(); }
-#if defined(__x86_64__) || defined(_M_X64)
-namespace avx2 { const KernelTable& table(); }
-namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }
-#endif
-}  // namespace metalq::cpu
-
 using metalq::cpu::Bf16QmmT;
 using metalq::cpu::KernelTable;
 using metalq::cpu::PackedMatrix;
