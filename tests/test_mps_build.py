@@ -199,3 +199,65 @@ def test_stubs_reject_what_the_mps_stream_owns(tmp_path):
     bad.write_text('#include "mps/library.h"\nvoid f(id<MTLComputeCommandEncoder> e) { [e endEncoding]; }\n')
     with pytest.raises(AssertionError, match="endEncoding"):
         _objcxx_syntax_check(clang, bad, tmp_path)
+
+
+# ---- on a Mac: the MPS backend at run time (skipped elsewhere) -----------------------------------
+
+mac = pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple silicon with PyTorch's MPS")
+MPS_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MPS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _rel_err(got, ref):
+    return float((got.float().cpu() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+@mac
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", MPS_DTYPES, ids=str)
+def test_mps_quantize_and_dequantize_are_bit_exact(dtype, bits):
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    q = metalq.affine_quantize(w, 64, bits)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(q, metalq.affine_quantize(w.to("mps"), 64, bits)))
+    got = metalq.affine_dequantize(*(t.to("mps") for t in q), 64, bits)
+    assert torch.equal(got.cpu(), metalq.affine_dequantize(*q, 64, bits))
+
+
+@mac
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 33, 130])
+@pytest.mark.parametrize("dtype", MPS_DTYPES, ids=str)
+@pytest.mark.parametrize("transpose", [True, False], ids=["qmm_t", "qmm_n"])
+def test_mps_qmm_matches_cpu_with_storage_offsets(transpose, dtype, M):
+    g = torch.Generator().manual_seed(M)
+    K, N = 256, 192
+    op = metalq.affine_qmm_t if transpose else metalq.affine_qmm_n
+    w = torch.randn((N, K) if transpose else (K, N), generator=g).to(dtype)
+    q = metalq.affine_quantize(w, 64, 4)
+    x_full = torch.randn(M + 3, K, generator=g).to(dtype)
+    # Views that start inside their MTLBuffer: the encoder must bind storage_offset() bytes in.
+    x_mps = x_full.to("mps")[3:]
+    q_mps = [torch.cat([t[:1], t]).to("mps")[1:] for t in q]
+    assert x_mps.storage_offset() and all(t.storage_offset() for t in q_mps)
+    got = op(x_mps, *q_mps, 64, 4)
+    ref = op(x_full[3:], *q, 64, 4)
+    assert got.device.type == "mps" and got.dtype == dtype and got.shape == ref.shape
+    assert _rel_err(got, ref) <= MPS_TOLERANCE[dtype]
+
+
+@mac
+def test_mps_batched_empty_and_pack():
+    q = metalq.affine_quantize(torch.randn(64, 128), 64, 4)
+    q_mps = [t.to("mps") for t in q]
+    x = torch.randn(2, 3, 128)
+    assert _rel_err(metalq.affine_qmm_t(x.to("mps"), *q_mps, 64, 4), metalq.affine_qmm_t(x, *q, 64, 4)) <= 1e-4
+    assert metalq.affine_qmm_t(torch.empty(0, 128, device="mps"), *q_mps, 64, 4).shape == (0, 64)
+    codes = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    assert torch.equal(metalq.pack(codes.to("mps"), 4).cpu(), metalq.pack(codes, 4))
+    assert torch.equal(metalq.unpack(metalq.pack(codes, 4).to("mps"), 4).cpu(), codes)
+
+
+@mac
+def test_mps_bad_input_raises_the_shared_error():
+    q = [t.to("mps") for t in metalq.affine_quantize(torch.randn(64, 128), 64, 4)]
+    with pytest.raises(ValueError, match="affine_qmm"):
+        metalq.affine_qmm_t(torch.randn(1, 100, device="mps"), *q, 64, 4)
