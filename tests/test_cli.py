@@ -150,3 +150,20 @@ def test_quantized_source_rejects_quantization_options(hf_dir, tmp_path, capsys)
     assert main(["convert", str(tmp_path / "metal"), str(tmp_path / "again"), "--bits", "8"]) == 1
     assert "already quantized" in capsys.readouterr().err
     assert not Path(tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["float-table", "quantized-table"])
+def test_convert_tied_embeddings(tmp_path, embeddings):
+    """A tied lm_head has no tensor of its own: it stays tied to the (float or quantized) table."""
+    hf = make_tiny_llama(tmp_path / "hf", tie=True)
+    args = ["convert", str(hf), str(tmp_path / "out"), "--group-size", "32", "--no-progress"]
+    assert main(args + (["--embeddings"] if embeddings else [])) == 0
+    model = load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out")
+    embed = model.model.embed_tokens
+    if embeddings:
+        assert isinstance(embed, metalq.MetalEmbedding)
+        assert isinstance(model.lm_head, metalq.MetalTiedHead) and model.lm_head.embedding is embed
+    else:
+        assert type(embed) is torch.nn.Embedding and model.lm_head.weight is embed.weight
+        assert torch.equal(embed.weight, float_llama(hf).model.embed_tokens.weight)
+    assert sum(isinstance(m, MetalLinear) for m in model.modules()) == 2 * 7

@@ -834,7 +834,8 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
             quantized = override is not None and (override is not False or f"{path}.scales" in refs)
         else:
             excluded = any(matches_module_name(path, p) for p in scheme.modules_to_not_convert)
-            quantized = f"{path}.scales" in refs or (kind == "linear" and not excluded)
+            # transformers quantizes every Linear not excluded; a tied head (no weight of its own) follows its table
+            quantized = f"{path}.scales" in refs or (kind == "linear" and not excluded and f"{path}.weight" in refs)
         if isinstance(module, MetalLinear) and not quantized:
             raise ValueError(f"{path} is a MetalLinear but the checkpoint holds no quantized tensors for it")
         if not quantized:
