@@ -122,6 +122,31 @@ def test_save_with_config_quantizes_while_writing_and_leaves_model_float(tmp_pat
     }
 
 
+def test_save_streams_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Quantizing while writing: each layer's packed tensors are gone before the next layer is quantized."""
+    import gc
+    import weakref
+
+    alive = []
+
+    def tracked(weight, group_size, bits):
+        gc.collect()
+        assert not [ref for ref in alive if ref() is not None], "a previous layer is still in memory"
+        result = metalq.affine_quantize(weight, group_size, bits)
+        alive.extend(weakref.ref(t) for t in result)
+        return result
+
+    monkeypatch.setattr(ckpt, "affine_quantize", tracked)
+    model = tiny()
+    with pytest.warns(UserWarning, match="head"):
+        save_quantized(model, tmp_path / "out", MetalConfig(bits=4, group_size=32))
+    assert len(alive) == 3 * 3
+    expected = tiny()
+    with pytest.warns(UserWarning, match="head"):
+        metalq.quantize_(expected, MetalConfig(bits=4, group_size=32))
+    assert_same_state(expected, load_quantized(tiny(seed=1, device="meta"), tmp_path / "out"))
+
+
 def test_quantization_config_matches_transformers(tmp_path):
     require(importlib.util.find_spec("transformers") is not None, "transformers")
     import transformers

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -155,8 +156,7 @@ def load_quantized(
         ``model``.
 
     Example:
-        >>> with torch.device("meta"):
-        ...     model = transformers.AutoModelForCausalLM.from_config(config)
+        >>> model = transformers.AutoModelForCausalLM.from_config(config)   # or parameters on meta only
         >>> metalq.load_quantized(model, "Llama-3.2-1B-Instruct-4bit")   # an mlx-community directory
     """
     directory = Path(directory)
@@ -483,10 +483,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class Checkpoint:
@@ -577,10 +574,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @contextlib.contextmanager
