@@ -43,6 +43,15 @@ PYBIND11_MODULE(_C, m) {
     metalq::check_affine_dequantize(wq, scales, biases, group_size, bits);
     return plan_to_python(metalq::plan_affine_dequantize(wq, scales, biases, out, group_size, bits));
   });
+  m.def("plan_affine_qmm", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                              const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits,
+                              bool transpose) {
+    metalq::check_affine_qmm("affine_qmm", x, w, scales, biases, group_size, bits, transpose);
+    py::list plans;
+    for (const auto& plan : metalq::plan_affine_qmm(x, w, scales, biases, out, group_size, bits, transpose))
+      plans.append(plan_to_python(plan));
+    return plans;
+  });
 }
 
 TORCH_LIBRARY(metalq, m) {

@@ -1,6 +1,7 @@
 // Kernel choice and geometry for every Metal dispatch (see plan.h).
 #include "plan.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -28,18 +29,94 @@ BytesBinding bytes_binding(int index, const Params& params) {
 }
 
 // One thread per work item in threadgroups of kElementwiseThreads, wrapping into y past the x limit.
-DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<BufferBinding> buffers) {
+std::pair<uint32_t, uint32_t> wrapped_grid(uint64_t work_items) {
   const uint64_t groups = (work_items + kElementwiseThreads - 1) / kElementwiseThreads;
   const uint64_t x = std::max<uint64_t>(1, std::min<uint64_t>(groups, kMaxThreadgroupsX));
   const uint64_t y = std::max<uint64_t>(1, (groups + x - 1) / x);
   TORCH_INTERNAL_ASSERT(y <= UINT32_MAX, "grid too large: ", work_items, " work items");
+  return {uint32_t(x), uint32_t(y)};
+}
+
+DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<BufferBinding> buffers) {
+  const auto [x, y] = wrapped_grid(work_items);
   const int params_index = int(buffers.size());
   return DispatchPlan{std::move(kernel),
-                      {uint32_t(x), uint32_t(y), 1},
+                      {x, y, 1},
                       {uint32_t(kElementwiseThreads), 1, 1},
                       std::move(buffers),
                       {bytes_binding(params_index, ElementwiseParams{work_items})},
                       {}};
+}
+
+uint32_t ceil_div(int64_t a, int64_t b) {
+  const int64_t q = (a + b - 1) / b;
+  TORCH_INTERNAL_ASSERT(q >= 0 && q <= UINT32_MAX, "grid too large: ", q, " threadgroups on one axis");
+  return uint32_t(q);
+}
+
+// Every small-M kernel (metal/qmv.h): w 0, scales 1, biases 2, x 3, y 4, QmvParams 5; 64 threads.
+DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& scales, const at::Tensor& biases, const at::Tensor& y, const QmvParams& p) {
+  return DispatchPlan{std::move(kernel),
+                      grid,
+                      {32, uint32_t(kQmvSimdgroups), 1},
+                      {{0, w}, {1, scales}, {2, biases}, {3, x}, {4, y}},
+                      {bytes_binding(5, p)},
+                      {}};
+}
+
+// x @ W.T for M <= kQmvWideMaxRows (and, until the GEMM branch takes them, every larger M).
+DispatchPlan plan_qmv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& biases,
+                      const at::Tensor& out, int64_t group_size, int64_t bits) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const at::ScalarType type = x.scalar_type();
+  const uint32_t row_tiles = ceil_div(N, kQmvSimdgroups * kQmvRowsPerSimdgroup);
+  QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
+  // Several rows of x: decode each weight once for up to kQmvWideVectors of them.
+  if (M >= 2 && M <= kQmvWideMaxRows) {
+    const uint32_t tiles = ceil_div(M, kQmvWideVectors);
+    p.rows_per_tg = ceil_div(M, tiles);
+    return small_m(kernel_name("qmv_wide", type, group_size, bits), {ceil_div(M, p.rows_per_tg), row_tiles, 1}, x,
+                   w, scales, biases, out, p);
+  }
+  // One row of x: the unguarded kernel when whole threadgroups and whole K steps fit.
+  const bool aligned = N % (kQmvSimdgroups * kQmvRowsPerSimdgroup) == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
+  return small_m(kernel_name(aligned ? "qmv_fast" : "qmv", type, group_size, bits), {uint32_t(M), row_tiles, 1}, x,
+                 w, scales, biases, out, p);
+}
+
+// out = the sum of the float partials [parts, M, N] over parts, rounded once to out's dtype.
+DispatchPlan split_k_reduce(const at::Tensor& partials, const at::Tensor& out) {
+  const uint64_t work = uint64_t(out.numel());
+  const auto [x, y] = wrapped_grid(work);
+  return DispatchPlan{std::string("split_k_reduce_") + metal_type(out.scalar_type()),
+                      {x, y, 1},
+                      {uint32_t(kElementwiseThreads), 1, 1},
+                      {{0, partials}, {1, out}},
+                      {bytes_binding(2, SplitKReduceParams{work, uint32_t(partials.size(0)), 0})},
+                      {}};
+}
+
+// x @ W for small M: qvm, or for long K qvm_split_k into float partials plus split_k_reduce.
+std::vector<DispatchPlan> plan_qvm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                   const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const at::ScalarType type = x.scalar_type();
+  const uint32_t col_tiles = ceil_div(N, kQmvSimdgroups * kQvmColumnsPerSimdgroup);
+  QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
+  if (K < kQvmSplitKMinK || M > kQvmSplitKMaxRows) {
+    return {small_m(kernel_name("qvm", type, group_size, bits), {uint32_t(M), col_tiles, 1}, x, w, scales, biases,
+                    out, p)};
+  }
+  const int64_t parts = K > kQvmSplitKLongK ? kQvmSplitKPartsLongK : kQvmSplitKParts;
+  p.k_chunk = ceil_div(ceil_div(K, parts), 32) * 32;  // whole lane strides per partition
+  const uint32_t used = ceil_div(K, p.k_chunk);
+  at::Tensor partials = at::empty({int64_t(used), M, N}, out.options().dtype(at::kFloat));
+  std::vector<DispatchPlan> plans;
+  plans.push_back(small_m(kernel_name("qvm_split_k", type, group_size, bits), {uint32_t(M), col_tiles, used}, x, w,
+                          scales, biases, partials, p));
+  plans.push_back(split_k_reduce(partials, out));
+  return plans;
 }
 
 }  // namespace
@@ -59,6 +136,25 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
                                     const at::Tensor& out, int64_t group_size, int64_t bits) {
   return elementwise(kernel_name("dequantize", scales.scalar_type(), group_size, bits),
                      uint64_t(wq.numel() * 4 / pack_unit_bytes(int(bits))), {{0, wq}, {1, scales}, {2, biases}, {3, out}});
+}
+
+// The decision tree for every quantized matmul, on the shape alone:
+//   x @ W.T: M in [2, kQmvWideMaxRows] -> qmv_wide; else qmv_fast when N % 8 == 0 and K fills whole
+//            qmv_fast steps, else qmv (any N, any K);
+//   x @ W:   K >= kQvmSplitKMinK and M <= kQvmSplitKMaxRows -> qvm_split_k + split_k_reduce; else qvm.
+// Larger M belongs to the tiled GEMM kernels; until that branch exists the vector kernels serve it
+// (one pass over W per row of x).
+std::vector<DispatchPlan> plan_affine_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                          const at::Tensor& biases, const at::Tensor& out, int64_t group_size,
+                                          int64_t bits, bool transpose) {
+  TORCH_INTERNAL_ASSERT(x.dim() == 2 && out.dim() == 2 && x.is_contiguous() && out.is_contiguous());
+  if (out.numel() == 0) {
+    return {};
+  }
+  if (transpose) {
+    return {plan_qmv(x, w, scales, biases, out, group_size, bits)};
+  }
+  return plan_qvm(x, w, scales, biases, out, group_size, bits);
 }
 
 }  // namespace metalq

@@ -45,4 +45,11 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, const at::Tensor& wq, con
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                                     const at::Tensor& out, int64_t group_size, int64_t bits);
 
+// y = x @ dequant(w).T (transpose) or x @ dequant(w), for a 2-D contiguous x [M, K] and out [M, N]:
+// the dispatches in order (split-K adds a reduce). Temporaries are created here and held by the
+// plans' bindings. An empty output needs no dispatch.
+std::vector<DispatchPlan> plan_affine_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                          const at::Tensor& biases, const at::Tensor& out, int64_t group_size,
+                                          int64_t bits, bool transpose);
+
 }  // namespace metalq

@@ -39,4 +39,51 @@ struct ElementwiseParams {
 };
 static_assert(sizeof(ElementwiseParams) == 8, "host and shader layouts must match");
 
+// ---- small-M matmul kernels (metal/qmv.h): x @ W.T (qmv*) and x @ W (qvm*) --------------------
+
+// Values of one row that a qmv_fast lane decodes per step: two whole packs (one for 1/2 bits), so
+// each lane issues a few wide loads. A simdgroup's step covers 32x this many values of K.
+constexpr int qmv_fast_values(int bits) { return bits == 1 ? 32 : (bits == 6 || bits == 8 ? 8 : 16); }
+// qmv (general): one pack per lane per step, so any K (a multiple of 32) splits into whole lane chunks.
+constexpr int qmv_values(int bits) { return pack_unit_bytes(bits) * 8 / bits; }
+// Rows of W per simdgroup in qmv/qmv_fast: one x chunk in registers serves this many rows.
+METALQ_CONST int kQmvRowsPerSimdgroup = 4;
+// Simdgroups per threadgroup of every small-M kernel (64 threads): small groups spread over all cores.
+METALQ_CONST int kQmvSimdgroups = 2;
+// qmv_wide: lanes that split one row's groups; 32 / 8 = 4 rows per simdgroup, like qmv.
+METALQ_CONST int kQmvWideLanesPerRow = 8;
+// qmv_wide: x rows one threadgroup dots with each decoded group; more would spill registers.
+METALQ_CONST int kQmvWideVectors = 4;
+// Largest M for qmv_wide; from M = 2 on, decoding a group once for several rows beats per-row qmv.
+METALQ_CONST int kQmvWideMaxRows = 8;
+// qvm: output columns per simdgroup, one decoded 32-value run of a K row per lane and step.
+METALQ_CONST int kQvmColumnsPerSimdgroup = 32;
+// qvm split-K from this K on: below it the M x N/64 grid already has enough work per threadgroup.
+METALQ_CONST int kQvmSplitKMinK = 1024;
+// Partitions of K for split-K, more for very long K so each partition stays around 256-1024 rows.
+METALQ_CONST int kQvmSplitKParts = 8;
+METALQ_CONST int kQvmSplitKPartsLongK = 32;
+METALQ_CONST int kQvmSplitKLongK = 8192;
+// Split-K only while M is this small: a few rows of x leave the GPU idle without it.
+METALQ_CONST int kQvmSplitKMaxRows = 4;
+
+// setBytes argument of the small-M kernels: y[M, N] = x[M, K] @ W (or W.T).
+struct QmvParams {
+  uint32_t M;
+  uint32_t N;
+  uint32_t K;
+  uint32_t k_chunk;      // qvm_split_k: K rows per partition (the last may be shorter); else K
+  uint32_t rows_per_tg;  // qmv_wide: x rows per threadgroup (<= kQmvWideVectors); else 1
+  uint32_t pad;
+};
+static_assert(sizeof(QmvParams) == 24, "host and shader layouts must match");
+
+// setBytes argument of split_k_reduce: out[i] = sum over p < partitions of partials[p * work_items + i].
+struct SplitKReduceParams {
+  uint64_t work_items;
+  uint32_t partitions;
+  uint32_t pad;
+};
+static_assert(sizeof(SplitKReduceParams) == 16, "host and shader layouts must match");
+
 } // namespace metalq

@@ -1,6 +1,7 @@
 // Instantiations of the kernels in quantized.h: the support table. Host names follow
 // metalq::kernel_name() in csrc/plan.cpp: affine_<kernel>_<type>_gs_<group size>_b_<bits>.
 #include "quantized.h"
+#include "qmv.h"
 
 #define instantiate_kernel(name, func, ...) \
   template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
@@ -30,3 +31,13 @@
 
 instantiate_types(quantize)
 instantiate_types(dequantize)
+instantiate_types(qmv_fast)
+instantiate_types(qmv)
+instantiate_types(qmv_wide)
+instantiate_types(qvm)
+instantiate_types(qvm_split_k)
+
+// Type-only kernels: "<kernel>_<type>".
+instantiate_kernel("split_k_reduce_float", split_k_reduce, float)
+instantiate_kernel("split_k_reduce_half", split_k_reduce, half)
+instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)

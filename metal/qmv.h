@@ -1,0 +1,319 @@
+// Small-M quantized matmuls: y = x @ W.T with W [N, K] packed along K (qmv_fast, qmv, qmv_wide) and
+// y = x @ W with W [K, N] packed along N (qvm, qvm_split_k + split_k_reduce). Helpers -> *_impl ->
+// thin [[kernel]] entries; plan_affine_qmm (csrc/plan.cpp) picks the kernel and its grid.
+// Every kernel accumulates in float and uses the group identity
+//   sum_i x_i * (s * q_i + b) = s * sum_i x_i q_i + b * sum_i x_i.
+#pragma once
+
+#include "quantized.h"
+
+namespace metalq {
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+// Bytes of one decoding step of n values: a uint32 word for 1/2/4/8 bits when n values fill whole
+// words, else single bytes; 3/5-bit packs of 8 values in 3/5 bytes and 6-bit packs of 4 values in 3
+// bytes are always read byte by byte (they are not word-aligned).
+template <int bits, int n>
+constexpr int decode_step_bytes() {
+  static_assert(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
+                "unsupported bit width");
+  return (bits & (bits - 1)) == 0 ? ((n * bits) % 32 == 0 ? 4 : 1) : (bits == 6 ? 3 : bits);
+}
+
+// q[0..n) = the n consecutive values starting at byte p (p is word-aligned when words are read).
+template <int bits, int n>
+METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
+  constexpr int step_bytes = decode_step_bytes<bits, n>();
+  constexpr int step_values = step_bytes * 8 / bits;
+  static_assert(n % step_values == 0, "n values must fill whole decoding steps");
+  constexpr uint mask = (1u << bits) - 1;
+  for (int u = 0; u < n / step_values; ++u) {
+    ulong unit = 0;
+    if (step_bytes == 4) {
+      unit = reinterpret_cast<const device uint32_t*>(p)[u];
+    } else {
+      for (int i = 0; i < step_bytes; ++i) {
+        unit |= ulong(p[u * step_bytes + i]) << (8 * i);
+      }
+    }
+    for (int i = 0; i < step_values; ++i) {
+      q[u * step_values + i] = float(uint(unit >> (bits * i)) & mask);
+    }
+  }
+}
+
+// ---- implementations ----------------------------------------------------------------------------
+
+// y[m, row] for kQmvRowsPerSimdgroup rows per simdgroup. Each lane holds `values` consecutive x
+// values of the current K step in registers (and their sum) and dots them with the same span of each
+// row. Lanes of one group share its scale and bias: one lane per group loads them, simd_shuffle hands
+// them out, so every scale is read once. `guarded` skips rows >= N and lanes past K (qmv); qmv_fast
+// needs N % 8 == 0 and K % (32 * values) == 0.
+template <typename T, int group_size, int bits, int values, bool guarded>
+METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const device T* biases,
+                         const device T* x, device T* y, uint N, uint K, uint m, uint first_row,
+                         uint simd_lid) {
+  constexpr int rows = kQmvRowsPerSimdgroup;
+  constexpr int block = 32 * values;
+  constexpr int lanes_per_group = group_size / values;
+  constexpr int groups_per_block = block / group_size;
+  static_assert(group_size % values == 0 && block % group_size == 0, "a lane's values lie in one group");
+  const uint groups = K / group_size;
+  const ulong row_bytes = ulong(K) * bits / 8;
+  x += ulong(m) * K;
+  y += ulong(m) * N;
+
+  float acc[rows] = {0};
+  for (uint k0 = 0; k0 < K; k0 += block) {
+    const uint k = k0 + simd_lid * values;
+    const bool lane_active = !guarded || k < K;
+    float xv[values];
+    float x_sum = 0;
+    for (int i = 0; i < values; ++i) {
+      xv[i] = lane_active ? float(x[k + i]) : 0.0f;
+      x_sum += xv[i];
+    }
+    const uint g = k0 / group_size + simd_lid;  // the group this lane loads parameters for
+    for (int r = 0; r < rows; ++r) {
+      const uint row = first_row + r;
+      const bool row_active = !guarded || row < N;  // the same for the whole simdgroup
+      float s = 0, b = 0;
+      if (row_active && simd_lid < uint(groups_per_block) && g < groups) {
+        s = float(scales[ulong(row) * groups + g]);
+        b = float(biases[ulong(row) * groups + g]);
+      }
+      s = simd_shuffle(s, ushort(simd_lid / lanes_per_group));
+      b = simd_shuffle(b, ushort(simd_lid / lanes_per_group));
+      if (row_active && lane_active) {
+        float q[values];
+        decode_values<bits, values>(w + row * row_bytes + ulong(k) * bits / 8, q);
+        float dot = 0;
+        for (int i = 0; i < values; ++i) {
+          dot += xv[i] * q[i];
+        }
+        acc[r] += s * dot + b * x_sum;
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float total = simd_sum(acc[r]);
+    if (simd_lid == 0 && (!guarded || first_row + r < N)) {
+      y[first_row + r] = T(total);
+    }
+  }
+}
+
+// y[m0 + v, row] for v < count <= kQmvWideVectors and one row per kQmvWideLanesPerRow lanes. Each
+// lane walks the row's groups g = lane, lane + 8, ...: it reads the group's scale and bias once,
+// decodes it 8 values (= `bits` bytes) at a time and dots every chunk with all `count` x rows. A
+// shuffle-down ladder then sums the 8 lanes of each row (simd_sum would mix rows).
+template <typename T, int group_size, int bits>
+METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, const device T* biases,
+                              const device T* x, device T* y, uint N, uint K, uint m0, uint count, uint row,
+                              uint k_lane) {
+  constexpr int vectors = kQmvWideVectors;
+  constexpr int lanes = kQmvWideLanesPerRow;
+  static_assert(32 % lanes == 0 && group_size % 8 == 0, "rows own whole lane clusters");
+  const uint groups = K / group_size;
+  const device uint8_t* w_row = w + ulong(row) * K * bits / 8;
+  float acc[vectors] = {0};
+  if (row < N) {
+    for (uint g = k_lane; g < groups; g += lanes) {
+      const float s = float(scales[ulong(row) * groups + g]);
+      const float b = float(biases[ulong(row) * groups + g]);
+      float dot[vectors] = {0}, x_sum[vectors] = {0};
+      for (int c = 0; c < group_size / 8; ++c) {
+        float q[8];
+        decode_values<bits, 8>(w_row + (ulong(g) * group_size + c * 8) * bits / 8, q);
+        for (int v = 0; v < vectors; ++v) {
+          if (uint(v) < count) {
+            const device T* xs = x + ulong(m0 + v) * K + g * group_size + c * 8;
+            for (int i = 0; i < 8; ++i) {
+              const float xi = float(xs[i]);
+              dot[v] += xi * q[i];
+              x_sum[v] += xi;
+            }
+          }
+        }
+      }
+      for (int v = 0; v < vectors; ++v) {
+        acc[v] += s * dot[v] + b * x_sum[v];
+      }
+    }
+  }
+  for (int v = 0; v < vectors; ++v) {
+    for (ushort delta = lanes / 2; delta > 0; delta /= 2) {
+      acc[v] += simd_shuffle_down(acc[v], delta);
+    }
+  }
+  if (k_lane == 0 && row < N) {
+    for (int v = 0; v < vectors; ++v) {
+      if (uint(v) < count) {
+        y[ulong(m0 + v) * N + row] = T(acc[v]);
+      }
+    }
+  }
+}
+
+// y[m, col0 + j] for the kQvmColumnsPerSimdgroup columns j of one simdgroup, over K rows
+// [k_begin, k_end). Lane l takes K rows k_begin + l, + 32, ...: one x value, the row's scale and bias
+// (32 aligned columns sit in one group since group_size >= 32) and 32 decoded weights per step. The 32
+// column sums are reduced with simd_sum; lane j keeps and writes column j.
+template <typename T, typename OutT, int group_size, int bits>
+METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const device T* biases,
+                         const device T* x, device OutT* y, uint N, uint K, uint m, uint col0, uint k_begin,
+                         uint k_end, uint simd_lid) {
+  constexpr int cols = kQvmColumnsPerSimdgroup;
+  static_assert(group_size % cols == 0, "a simdgroup's columns lie in one group");
+  const uint groups = N / group_size;
+  const ulong row_bytes = ulong(N) * bits / 8;
+  float acc[cols] = {0};
+  for (uint k = k_begin + simd_lid; k < k_end; k += 32) {
+    const float xk = float(x[ulong(m) * K + k]);
+    const float xs = xk * float(scales[ulong(k) * groups + col0 / group_size]);
+    const float xb = xk * float(biases[ulong(k) * groups + col0 / group_size]);
+    float q[cols];
+    decode_values<bits, cols>(w + k * row_bytes + col0 * bits / 8, q);
+    for (int j = 0; j < cols; ++j) {
+      acc[j] += xs * q[j] + xb;
+    }
+  }
+  float mine = 0;
+  for (int j = 0; j < cols; ++j) {
+    const float total = simd_sum(acc[j]);
+    mine = simd_lid == uint(j) ? total : mine;
+  }
+  y[ulong(m) * N + col0 + simd_lid] = OutT(mine);
+}
+
+}  // namespace metalq
+
+// ---- kernels ------------------------------------------------------------------------------------
+// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5. Threadgroups of
+// kQmvSimdgroups x 32 threads.
+
+// Decode GEMV for aligned shapes (N % 8 == 0, K % (32 * qmv_fast_values(bits)) == 0). Grid
+// (M, N / 8): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s rows 8t + 4s .. +4. E.g.
+// 4-bit: a lane reads 16 x values and 8 bytes of each of its 4 rows per step of 512 K values.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_qmv_fast(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  constexpr int values = metalq::qmv_fast_values(bits);
+  const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
+  metalq::qmv_impl<T, group_size, bits, values, false>(w, scales, biases, x, y, params.N, params.K, tid.x,
+                                                       first_row, simd_lid);
+}
+
+// General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,
+// 256 K per step). Grid (M, ceil(N / 8)) as qmv_fast.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_qmv(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  constexpr int values = metalq::qmv_values(bits);
+  const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
+  metalq::qmv_impl<T, group_size, bits, values, true>(w, scales, biases, x, y, params.N, params.K, tid.x,
+                                                      first_row, simd_lid);
+}
+
+// Small batches: grid (ceil(M / rows_per_tg), ceil(N / 8)); threadgroup (t, r) computes rows
+// 8r .. 8r+8 of y for x rows t * rows_per_tg .. +rows_per_tg, decoding each weight once for all of them.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_qmv_wide(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  constexpr int lanes = metalq::kQmvWideLanesPerRow;
+  const uint m0 = tid.x * params.rows_per_tg;
+  const uint count = min(params.rows_per_tg, params.M - m0);
+  const uint row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * (32 / lanes) + simd_lid / lanes;
+  metalq::qmv_wide_impl<T, group_size, bits>(w, scales, biases, x, y, params.N, params.K, m0, count, row,
+                                             simd_lid % lanes);
+}
+
+// x @ W for small M: grid (M, ceil(N / 64)); threadgroup (m, t) computes y[m, 64t .. 64t+64), 32
+// columns per simdgroup (N is a multiple of group_size >= 32, so a simdgroup is all in or all out).
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_qvm(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  const uint col0 = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQvmColumnsPerSimdgroup;
+  if (col0 >= params.N) {
+    return;
+  }
+  metalq::qvm_impl<T, T, group_size, bits>(w, scales, biases, x, y, params.N, params.K, tid.x, col0, 0,
+                                           params.K, simd_lid);
+}
+
+// qvm over K partition tid.z (rows [z * k_chunk, min(K, (z+1) * k_chunk))), writing float partials
+// [partitions, M, N]; split_k_reduce sums them into y.
+template <typename T, int group_size, int bits>
+[[kernel]] void affine_qvm_split_k(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device float* partials [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  const uint col0 = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQvmColumnsPerSimdgroup;
+  if (col0 >= params.N) {
+    return;
+  }
+  const uint k_begin = tid.z * params.k_chunk;
+  const uint k_end = min(params.K, k_begin + params.k_chunk);
+  metalq::qvm_impl<T, float, group_size, bits>(w, scales, biases, x,
+                                               partials + ulong(tid.z) * params.M * params.N, params.N,
+                                               params.K, tid.x, col0, k_begin, k_end, simd_lid);
+}
+
+// One thread per output element (grid as the element-wise kernels): sums its float partials in
+// partition order and rounds once to T.
+template <typename T>
+[[kernel]] void split_k_reduce(
+    const device float* partials [[buffer(0)]],
+    device T* y [[buffer(1)]],
+    constant metalq::SplitKReduceParams& params [[buffer(2)]],
+    uint2 position [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  const ulong i = metalq::work_item(position, grid);
+  if (i >= params.work_items) {
+    return;
+  }
+  float total = 0;
+  for (uint p = 0; p < params.partitions; ++p) {
+    total += partials[p * params.work_items + i];
+  }
+  y[i] = T(total);
+}
