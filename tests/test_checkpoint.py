@@ -5,7 +5,6 @@ for the mlx-lm format; metalq's quantizer (itself checked bit-exact against ``mx
 """
 import importlib.util
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -45,8 +44,8 @@ def tiny(seed=0, device=None):
 def quantized_tiny(mixed=False):
     model = tiny()
     if mixed:
-        metalq.quantize_(model, {"up": MetalConfig(bits=3, group_size=32), "_default": MetalConfig(bits=6, group_size=64)},
-                         filter_fn=lambda m, fqn: fqn != "head")
+        config = {"up": MetalConfig(bits=3, group_size=32), "_default": MetalConfig(bits=6, group_size=64)}
+        metalq.quantize_(model, config, filter_fn=lambda m, fqn: fqn != "head")
     else:
         metalq.quantize_(model, MetalConfig(bits=4, group_size=32), filter_fn=lambda m, fqn: fqn != "head")
     return model
@@ -88,7 +87,9 @@ def rewrite_safetensors(path: Path, change):
 
 # ---- round trips -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt,mixed", [("metal", False), ("mlx", False), ("mlx", True)], ids=["metal", "mlx", "mlx-mixed"])
+@pytest.mark.parametrize(
+    "fmt,mixed", [("metal", False), ("mlx", False), ("mlx", True)], ids=["metal", "mlx", "mlx-mixed"]
+)
 def test_round_trip_bit_exact(tmp_path, fmt, mixed):
     model = quantized_tiny(mixed)
     save_quantized(model, tmp_path / "out", format=fmt)
@@ -213,20 +214,26 @@ def test_sharding(tmp_path):
     assert_same_state(model, loaded)
 
 
+def tied_model():
+    model = nn.ModuleDict(
+        {"embed": nn.Embedding(16, 64), "proj": nn.Linear(64, 64), "head": nn.Linear(64, 16, bias=False)}
+    )
+    model.head.weight = model.embed.weight  # a tied output head
+    return model
+
+
 def test_tied_weights_stored_once(tmp_path):
     torch.manual_seed(0)
-    model = nn.ModuleDict({"embed": nn.Embedding(16, 64), "proj": nn.Linear(64, 64), "head": nn.Linear(64, 16, bias=False)})
-    model.head.weight = model.embed.weight
+    model = tied_model()
     metalq.quantize_(model, MetalConfig(bits=4, group_size=64), filter_fn=lambda m, fqn: fqn == "proj")
     save_quantized(model, tmp_path / "out")
-    index = set(json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
-    assert index == {"head"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["modules_to_not_convert"] == ["head"]
     from safetensors.torch import load_file
 
     assert "head.weight" not in load_file(str(tmp_path / "out" / "model.safetensors"))
     with torch.device("meta"):
-        fresh = nn.ModuleDict({"embed": nn.Embedding(16, 64), "proj": nn.Linear(64, 64), "head": nn.Linear(64, 16, bias=False)})
-    fresh.head.weight = fresh.embed.weight
+        fresh = tied_model()
     load_quantized(fresh, tmp_path / "out")
     assert fresh.head.weight is fresh.embed.weight
     assert torch.equal(fresh.embed.weight, model.embed.weight)
@@ -244,7 +251,9 @@ def test_parse_size():
 
 # ---- atomic writes ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"]
+)
 def test_failure_mid_write_leaves_no_directory(tmp_path, monkeypatch, error):
     model = quantized_tiny()
     real = ckpt._write_safetensors
@@ -422,7 +431,8 @@ def make_tiny_llama(path: Path, tie: bool = False):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(path)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2")
+    wrapped.save_pretrained(path)
     return path
 
 

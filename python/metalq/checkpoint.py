@@ -267,7 +267,8 @@ def convert_checkpoint(
         entries = _output_entries(refs, layers, to)
         with atomic_directory(destination, overwrite=overwrite) as tmp:
             for file in sorted(source.iterdir()):
-                if file.is_file() and file.name not in (CONFIG_NAME, INDEX_NAME) and file.suffix not in _WEIGHT_SUFFIXES:
+                weights = file.name in (CONFIG_NAME, INDEX_NAME) or file.suffix in _WEIGHT_SUFFIXES
+                if file.is_file() and not weights:
                     shutil.copy2(file, tmp / file.name)
             write_checkpoint(tmp, entries, out_config, to, limit, True if progress is None else progress)
     return Path(destination)
@@ -658,7 +659,8 @@ def _write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str
         dtype = _DTYPE_NAMES.get(entry.dtype)
         if dtype is None:
             raise ValueError(f"tensor {entry.name!r}: dtype {entry.dtype} cannot be stored in safetensors")
-        header[entry.name] = {"dtype": dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        end = offset + entry.nbytes
+        header[entry.name] = {"dtype": dtype, "shape": list(entry.shape), "data_offsets": [offset, end]}
         offset += entry.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -897,7 +899,8 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
                 ref = refs[key]
                 if ref.shape != tuple(old.shape):
                     raise ValueError(f"{where(key)} has shape {ref.shape}, the model expects {tuple(old.shape)}")
-                if (ref.dtype.is_floating_point, old.dtype.is_floating_point) != (True, True) and ref.dtype != old.dtype:
+                both_float = ref.dtype.is_floating_point and old.dtype.is_floating_point
+                if not both_float and ref.dtype != old.dtype:
                     raise ValueError(f"{where(key)} has dtype {ref.dtype}, the model expects {old.dtype}")
             groups.append((rest, name, old))
             covered.update(present)
