@@ -795,7 +795,7 @@ class _LoadPlan:
     layers: list[_Layer]
     groups: list[tuple[list[str], str, torch.Tensor]]  # (model keys sharing one tensor, checkpoint name, old)
     tied_heads: list[tuple[list[str], nn.Module, _Layer]]  # Linear heads tied to a quantized embedding
-    needed: list[str]
+    needed: dict[str, torch.device]  # checkpoint name -> where the tensor goes
 
 
 def _quantizable(module: nn.Module) -> Optional[tuple[str, int, int]]:
@@ -921,19 +921,24 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
         shown = ", ".join(repr(name) for name in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise ValueError(f"unexpected tensors in the checkpoint (the model has no place for them): {shown}{more}")
-    needed = sorted({name for layer in layers for name in layer.names.values()} | {name for _, name, _ in groups})
-    return _LoadPlan(layers, groups, tied_heads, needed)
+    needed = {name: _target_device(old) for _, name, old in groups}
+    for layer in layers:
+        needed.update(dict.fromkeys(layer.names.values(), _target_device(getattr(layer.old, "weight", None))))
+    return _LoadPlan(layers, groups, tied_heads, dict(sorted(needed.items())))
 
 
-def _read_all(checkpoint: Checkpoint, names: list[str], progress: Optional[bool]) -> dict[str, torch.Tensor]:
+def _read_all(
+    checkpoint: Checkpoint, names: dict[str, torch.device], progress: Optional[bool]
+) -> dict[str, torch.Tensor]:
+    """Read each tensor and move it to its device at once (one host copy alive at a time)."""
     refs = checkpoint.refs
     total = sum(refs[name].nbytes for name in names)
     show = total >= _PROGRESS_MIN_BYTES if progress is None else progress
     tensors = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
-        for name in names:
+        for name, device in names.items():
             try:
-                tensors[name] = refs[name].load()
+                tensors[name] = refs[name].load().to(device)
             except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
                 raise ValueError(f"tensor {name!r} ({refs[name].where}): cannot be read ({error})") from None
             bar.update(refs[name].nbytes)
