@@ -161,7 +161,7 @@ def test_quantization_config_matches_transformers(tmp_path):
 
 
 def test_metal_format_rejects_mixed_widths(tmp_path):
-    with pytest.raises(ValueError, match=r"down has bits=6, group_size=64 but the Metal format.*format='mlx'"):
+    with pytest.raises(ValueError, match=r"up has bits=3, group_size=32 but the Metal format.*--to mlx"):
         save_quantized(quantized_tiny(mixed=True), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 

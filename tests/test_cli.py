@@ -167,3 +167,15 @@ def test_convert_tied_embeddings(tmp_path, embeddings):
         assert type(embed) is torch.nn.Embedding and model.lm_head.weight is embed.weight
         assert torch.equal(embed.weight, float_llama(hf).model.embed_tokens.weight)
     assert sum(isinstance(m, MetalLinear) for m in model.modules()) == 2 * 7
+
+
+def test_mixed_widths_to_metal_is_refused(hf_dir, tmp_path, capsys):
+    """transformers' Metal config holds one format: a mixed mlx-lm checkpoint stays mlx (and is named why)."""
+    source = mlx_lm_convert(hf_dir, tmp_path / "mixed", q_group_size=64, quant_predicate="mixed_3_6")
+    assert main(["convert", str(source), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "has bits=6, group_size=64 but the Metal format holds one format" in err and "--to mlx" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "mlx", "--no-progress"]) == 0
+    direct = load_quantized(meta_llama(source), source)
+    assert_same_state(direct, load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out"))

@@ -450,12 +450,13 @@ def quantized_model_config(
     if not layers:
         raise ValueError("no quantized layer to describe")
     if format == "metal":
-        bits, group_size = (config.bits, config.group_size) if config is not None else next(iter(layers.values()))
+        most_common = Counter(layers.values()).most_common(1)[0][0]
+        bits, group_size = (config.bits, config.group_size) if config is not None else most_common
         for path, (layer_bits, layer_group_size) in layers.items():
             if (layer_bits, layer_group_size) != (bits, group_size):
                 raise ValueError(
                     f"{path} has bits={layer_bits}, group_size={layer_group_size} but the Metal format holds one "
-                    f"format for all layers (bits={bits}, group_size={group_size}); save with format='mlx'"
+                    f"format for all layers (bits={bits}, group_size={group_size}); use the mlx format (format='mlx', --to mlx)"
                 )
         skipped = list(dict.fromkeys([*(config.modules_to_not_convert or () if config else ()), *float_linears]))
         metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=skipped or None)
