@@ -15,7 +15,8 @@ Convert a checkpoint directory, streaming one tensor at a time:
   Metal-quantized directory   -> mlx-lm directory that mlx_lm.load reads
 
 The kind of SOURCE is read from its config.json. The output directory is written under a temporary name
-and renamed at the end: an error or Ctrl-C leaves nothing behind.
+and renamed at the end: an error or Ctrl-C leaves nothing behind. A Metal directory holds one bits/group
+size for every layer: mixed-width mlx-lm checkpoints (mlx_lm.convert --quant-predicate) need --to mlx.
 
 examples:
   python -m metalq convert ./Llama-3.2-1B ./Llama-3.2-1B-metal-4bit --bits 4 --group-size 64 --skip lm_head
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                               "or a suffix such as lm_head (repeatable)")
     convert.add_argument("--embeddings", action="store_true",
                          help="also quantize nn.Embedding tables (as mlx-lm does)")
-    convert.add_argument("--max-shard-size", default="5GB",
+    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                          help="split the safetensors files above this size, e.g. 2GB (default 5GB)")
     convert.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     convert.add_argument("--no-progress", action="store_true", help="hide the progress bar")
