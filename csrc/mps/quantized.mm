@@ -1,0 +1,93 @@
+// MPS implementations of the metalq ops: check (csrc/checks.h), make inputs contiguous, allocate,
+// return early when empty, plan (csrc/plan.h), encode (library.h). No kernel choice happens here.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../plan.h"
+#include "library.h"
+
+namespace metalq {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_mps(const at::Tensor& w, int64_t group_size,
+                                                                   int64_t bits) {
+  check_affine_quantize(w, group_size, bits);
+  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
+  auto wc = w.contiguous();
+  const auto gsizes = group_sizes(w, group_size);
+  auto wq = at::empty_symint(packed_sizes(w, bits), w.options().dtype(at::kUInt32));
+  auto scales = at::empty_symint(gsizes, w.options());
+  auto biases = at::empty_symint(gsizes, w.options());
+  if (w.numel() == 0) return {wq, scales, biases};
+  mps::encode(plan_affine_quantize(wc, wq, scales, biases, group_size, bits));
+  return {wq, scales, biases};
+}
+
+at::Tensor affine_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                                 int64_t group_size, int64_t bits) {
+  auto sizes = wq.sym_sizes().vec();
+  sizes.back() = check_affine_dequantize(wq, scales, biases, group_size, bits);
+  auto wc = wq.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
+  auto out = at::empty_symint(sizes, scales.options());
+  if (out.numel() == 0) return out;
+  mps::encode(plan_affine_dequantize(wc, sc, bc, out, group_size, bits));
+  return out;
+}
+
+at::Tensor affine_qmm_mps(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+  const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
+  const int64_t K = shape.K.expect_int(), N = shape.N.expect_int();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  auto x2 = x.reshape({-1, K}).contiguous();
+  auto wc = w.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
+  auto out = at::empty({x2.size(0), N}, x.options());
+  if (out.numel() == 0 || K == 0) return out.zero_().view(out_sizes);
+  for (const DispatchPlan& plan : plan_affine_qmm(x2, wc, sc, bc, out, group_size, bits, transpose)) {
+    mps::encode(plan);
+  }
+  return out.view(out_sizes);
+}
+
+at::Tensor affine_qmm_t_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return affine_qmm_mps("affine_qmm_t", x, w, scales, biases, group_size, bits, true);
+}
+
+at::Tensor affine_qmm_n_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return affine_qmm_mps("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
+}
+
+// pack/unpack are bit shuffles for checkpoint I/O, not the hot path: the CPU op, copied back.
+template <class Signature>
+c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+at::Tensor pack_mps(const at::Tensor& q, int64_t bits) {
+  static const auto op = cpu_op<at::Tensor(const at::Tensor&, int64_t)>("metalq::pack");
+  return op.call(q.cpu(), bits).to(q.device());
+}
+
+at::Tensor unpack_mps(const at::Tensor& w, int64_t bits) {
+  static const auto op = cpu_op<at::Tensor(const at::Tensor&, int64_t)>("metalq::unpack");
+  return op.call(w.cpu(), bits).to(w.device());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalq, MPS, m) {
+  m.impl("affine_quantize", &affine_quantize_mps);
+  m.impl("affine_dequantize", &affine_dequantize_mps);
+  m.impl("affine_qmm_t", &affine_qmm_t_mps);
+  m.impl("affine_qmm_n", &affine_qmm_n_mps);
+  m.impl("pack", &pack_mps);
+  m.impl("unpack", &unpack_mps);
+}
+
+}  // namespace metalq
