@@ -144,6 +144,9 @@ def load_quantized(
     Every tensor is checked (present, shape, dtype kind) and read before the model changes: on any error
     (missing or misshapen tensor, truncated file, unknown ``quant_method``) the model is untouched. Loaded
     tensors keep the checkpoint's dtypes; they go to the device of the tensor they replace (CPU for ``meta``).
+    Non-persistent buffers (rotary ``inv_freq``) are in no checkpoint: on a ``meta`` model they stay ``meta``
+    (:func:`metalq.transformers.from_pretrained` recomputes them), so build the model on CPU or with only its
+    parameters on ``meta``.
 
     Args:
         model: the module to fill, in place.
@@ -165,14 +168,6 @@ def load_quantized(
         plan = _plan_load(model, checkpoint, scheme, strict)
         tensors = _read_all(checkpoint, plan.needed, progress)
     _apply(model, plan, tensors)
-    still_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
-    if still_meta:
-        warnings.warn(
-            f"load_quantized: {', '.join(still_meta[:4])}{' ...' if len(still_meta) > 4 else ''} are not in the "
-            f"checkpoint (non-persistent buffers) and are still on the meta device; build the model with only its "
-            f"parameters on meta (e.g. accelerate.init_empty_weights()) to keep them",
-            stacklevel=2,
-        )
     return model
 
 
