@@ -25,8 +25,8 @@ COMMON = dict(
 # mlx-lm 0.32 reads `rope_theta` (default 1e6 for Qwen2), transformers 5 writes `rope_parameters`: use Qwen2's 1e6
 QWEN2_ROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 # name -> (config, MetalConfig, quantize embeddings, checkpoint format). Qwen2 has q/k/v biases and ties its
-# head to the embedding: float and tied in transformers' Metal layout (which quantizes Linear layers only),
-# quantized with a tied MetalTiedHead in mlx-lm's layout.
+# head to the embedding: float and tied (what transformers' Metal path itself reads: Linear layers only), or
+# quantized with a MetalTiedHead reading the same table, in either layout.
 MODELS = {
     "llama-4bit-gs64-metal": (
         lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -38,6 +38,12 @@ MODELS = {
         lambda: transformers.Qwen2Config(**COMMON, **QWEN2_ROPE, tie_word_embeddings=True),
         MetalConfig(bits=8, group_size=128, modules_to_not_convert=["lm_head"]),
         False,
+        "metal",
+    ),
+    "qwen2-3bit-gs32-metal-tied": (
+        lambda: transformers.Qwen2Config(**COMMON, **QWEN2_ROPE, tie_word_embeddings=True),
+        MetalConfig(bits=3, group_size=32),
+        True,
         "metal",
     ),
     "qwen2-3bit-gs32-mlx-tied": (
@@ -155,8 +161,8 @@ def test_transformers_metal_linear_runs_on_metalq(bias, dtype):
 
 def test_transformers_from_pretrained_stays_quantized_on_cpu(checkpoint):
     name, _, directory = checkpoint
-    if MODELS[name][3] != "metal":
-        pytest.skip("transformers reads its own Metal layout only")
+    if MODELS[name][3] != "metal" or MODELS[name][2]:
+        pytest.skip("transformers reads its own Metal layout, with float embeddings, only")
     from transformers.integrations import metal_quantization
 
     mt.use_metalq_kernel()
