@@ -7,8 +7,6 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "tools"))
-import embed_metal  # noqa: E402  (tools/: metal/*.metal -> the header csrc/mps embeds)
 
 
 def _sources():
@@ -44,6 +42,9 @@ class _BuildExtension(BuildExtension):
 
     def build_extensions(self):
         if sys.platform == "darwin":
+            sys.path.insert(0, os.path.join(HERE, "tools"))
+            import embed_metal  # metal/*.metal -> the header csrc/mps embeds (metallib, else sources)
+
             generated = os.path.join(os.path.abspath(self.build_temp), "metalq_generated")
             embed_metal.generate(os.path.join(HERE, "metal"), generated)
             for ext in self.extensions:

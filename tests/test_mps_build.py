@@ -113,6 +113,47 @@ def test_header_is_rewritten_only_when_it_changes(tmp_path):
     assert header.stat().st_mtime_ns == before
 
 
+def _run_setup_py(monkeypatch, platform):
+    """setup.py's arguments to setup() as if run on `platform` (setup() itself is not called)."""
+    import runpy
+    import setuptools
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.BuildExtension  # resolved (lazily imported) before sys.platform changes
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_setup_py_on_macos_builds_the_mps_backend_and_embeds_the_library(monkeypatch, tmp_path):
+    kw = _run_setup_py(monkeypatch, "darwin")
+    (ext,) = kw["ext_modules"]
+    assert {"csrc/mps/library.mm", "csrc/mps/quantized.mm"} <= set(ext.sources)
+    assert "-fobjc-arc" in ext.extra_compile_args["cxx"]
+    assert ext.extra_link_args == ["-framework", "Metal", "-framework", "Foundation"]
+    # build_ext on this machine (no xcrun): the header with the sources, then torch's build.
+    from torch.utils.cpp_extension import BuildExtension
+
+    built = []
+    monkeypatch.setattr(BuildExtension, "build_extensions", lambda self: built.append(self))
+    cmd = object.__new__(kw["cmdclass"]["build_ext"])
+    cmd.build_temp, cmd.extensions = str(tmp_path), [ext]
+    cmd.build_extensions()
+    generated = tmp_path / "metalq_generated"
+    assert built == [cmd] and str(generated) in ext.include_dirs
+    assert "kIsMetallib = false" in (generated / embed_metal.HEADER_NAME).read_text()
+
+
+def test_setup_py_on_linux_is_unchanged(monkeypatch):
+    kw = _run_setup_py(monkeypatch, "linux")
+    (ext,) = kw["ext_modules"]
+    assert not any(s.endswith(".mm") for s in ext.sources)
+    assert "-fobjc-arc" not in ext.extra_compile_args["cxx"] and ext.extra_link_args == ["-fopenmp"]
+
+
 # ---- the generated header and the embedded sources ---------------------------------------------
 
 def _sources_header(tmp_path):
