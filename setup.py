@@ -46,7 +46,9 @@ class _BuildExtension(BuildExtension):
             import embed_metal  # metal/*.metal -> the header csrc/mps embeds (metallib, else sources)
 
             generated = os.path.join(os.path.abspath(self.build_temp), "metalq_generated")
-            embed_metal.generate(os.path.join(HERE, "metal"), generated)
+            # METALQ_METAL_SOURCES=1: embed the sources even with a Metal compiler (tests that path).
+            embed_metal.generate(os.path.join(HERE, "metal"), generated,
+                                 force_sources=os.environ.get("METALQ_METAL_SOURCES") == "1")
             for ext in self.extensions:
                 ext.include_dirs.append(generated)
         super().build_extensions()

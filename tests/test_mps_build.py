@@ -98,6 +98,12 @@ def test_with_compiler_one_metallib_is_embedded(tmp_path):
     assert "kIsMetallib = true" in text and '{"metalq.metallib", kBlob0, sizeof(kBlob0)}' in text
 
 
+def test_sources_can_be_forced_for_testing_the_fallback(tmp_path):
+    fake, messages = FakeXcrun(), []
+    assert embed_metal.generate(METAL, tmp_path, fake, messages.append, force_sources=True) is False
+    assert fake.commands == [] and len(messages) == 1 and "METALQ_METAL_SOURCES=1" in messages[0]
+
+
 def test_a_kernel_compile_error_fails_the_build(tmp_path):
     # The probe passed, so the toolchain works: an error in metal/ is a bug, not a reason to fall back.
     with pytest.raises(RuntimeError, match="boom"):

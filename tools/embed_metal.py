@@ -142,13 +142,17 @@ def header_text(blobs: Sequence[tuple[str, bytes]], is_metallib: bool) -> str:
     return "\n".join(lines)
 
 
-def generate(metal_dir: Path, out_dir: Path, run: Runner = _run, log: Callable[[str], None] = print) -> bool:
-    """Writes out_dir/metalq_metal_embed.h (only if its text changed); returns True for a metallib."""
+def generate(metal_dir: Path, out_dir: Path, run: Runner = _run, log: Callable[[str], None] = print,
+             force_sources: bool = False) -> bool:
+    """Writes out_dir/metalq_metal_embed.h (only if its text changed); returns True for a metallib.
+
+    force_sources embeds the sources even when `metal` works (to test the fallback on a Mac).
+    """
     metal_dir, out_dir = Path(metal_dir), Path(out_dir)
     sources = sorted(metal_dir.glob("*.metal"))
     if not sources:
         raise FileNotFoundError(f"no .metal files in {metal_dir}")
-    ok, reason = probe_metal_compiler(run)
+    ok, reason = (False, "METALQ_METAL_SOURCES=1") if force_sources else probe_metal_compiler(run)
     if ok:
         lib = build_metallib(sources, metal_dir, out_dir / "metal", run)
         text = header_text([(lib.name, lib.read_bytes())], is_metallib=True)
