@@ -119,6 +119,37 @@ std::vector<DispatchPlan> plan_qvm(const at::Tensor& x, const at::Tensor& w, con
   return plans;
 }
 
+// x @ W.T or x @ W for M >= kQmmMinRows: the tiled GEMM (metal/qmm.h), one 32x32 tile of y per
+// threadgroup. When y has too few tiles to fill the GPU and K is long, grid z splits K into
+// partitions writing float partials [partitions, M, N], which split_k_reduce sums into out.
+std::vector<DispatchPlan> plan_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                   const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits,
+                                   bool transpose) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const int64_t tiles = int64_t(ceil_div(N, kQmmBN)) * ceil_div(M, kQmmBM);
+  int64_t parts = std::min<int64_t>(kQmmSplitKTargetThreadgroups / tiles, K / kQmmSplitKMinPartitionK);
+  int64_t k_per_split = K;
+  if (parts >= 2) {
+    k_per_split = int64_t(ceil_div(ceil_div(K, parts), kQmmBK)) * kQmmBK;
+    parts = ceil_div(K, k_per_split);
+  } else {
+    parts = 1;
+  }
+  const QmmParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(k_per_split)};
+  const std::string kernel = std::string(transpose ? "qmm_t" : "qmm_n") + (parts > 1 ? "_splitk" : "");
+  const at::Tensor y = parts > 1 ? at::empty({parts, M, N}, out.options().dtype(at::kFloat)) : out;
+  std::vector<DispatchPlan> plans{DispatchPlan{kernel_name(kernel, x.scalar_type(), group_size, bits),
+                                               {ceil_div(N, kQmmBN), ceil_div(M, kQmmBM), uint32_t(parts)},
+                                               {uint32_t(kQmmThreads), 1, 1},
+                                               {{0, w}, {1, scales}, {2, biases}, {3, x}, {4, y}},
+                                               {bytes_binding(5, p)},
+                                               {}}};
+  if (parts > 1) {
+    plans.push_back(split_k_reduce(y, out));
+  }
+  return plans;
+}
+
 }  // namespace
 
 std::string kernel_name(const std::string& kernel, at::ScalarType type, int64_t group_size, int64_t bits) {
@@ -142,14 +173,17 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 //   x @ W.T: M in [2, kQmvWideMaxRows] -> qmv_wide; else qmv_fast when N % 8 == 0 and K fills whole
 //            qmv_fast steps, else qmv (any N, any K);
 //   x @ W:   K >= kQvmSplitKMinK and M <= kQvmSplitKMaxRows -> qvm_split_k + split_k_reduce; else qvm.
-// Larger M belongs to the tiled GEMM kernels; until that branch exists the vector kernels serve it
-// (one pass over W per row of x).
+// Either orientation, M >= kQmmMinRows: the tiled GEMM qmm_t / qmm_n, or when y has few 32x32
+// tiles and K is long, qmm_{t,n}_splitk + split_k_reduce.
 std::vector<DispatchPlan> plan_affine_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                                           const at::Tensor& biases, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2 && out.dim() == 2 && x.is_contiguous() && out.is_contiguous());
   if (out.numel() == 0) {
     return {};
+  }
+  if (x.size(0) >= kQmmMinRows) {
+    return plan_qmm(x, w, scales, biases, out, group_size, bits, transpose);
   }
   if (transpose) {
     return {plan_qmv(x, w, scales, biases, out, group_size, bits)};

@@ -86,4 +86,31 @@ struct SplitKReduceParams {
 };
 static_assert(sizeof(SplitKReduceParams) == 16, "host and shader layouts must match");
 
+// ---- prefill GEMMs (metal/qmm.h): x @ W.T (qmm_t) and x @ W (qmm_n) ---------------------------
+
+// Output tile BM x BN and K step BK of one threadgroup: 2x2 simdgroups of 16x16 (2x2 8x8 fragments
+// each), with each of the 128 threads staging 8 x values and decoding 8 weights per K step.
+METALQ_CONST int kQmmBM = 32;
+METALQ_CONST int kQmmBN = 32;
+METALQ_CONST int kQmmBK = 32;
+METALQ_CONST int kQmmThreads = 128;
+// The GEMM serves M from here on: a 32-row tile decodes each weight once for up to 32 rows of x,
+// which beats decoding per few rows past the small-batch GEMV range (MLX switches at 6-18 by GPU).
+METALQ_CONST int kQmmMinRows = 9;
+// Split-K aims for this many threadgroups: about 8 per core on the largest (64-80 core) Apple GPUs.
+METALQ_CONST int kQmmSplitKTargetThreadgroups = 512;
+// Shortest K a split-K partition reduces (8 K steps): its float partial tile then costs well under
+// the x and weight bytes it reads.
+METALQ_CONST int kQmmSplitKMinPartitionK = 256;
+
+// setBytes argument of affine_qmm and affine_qmm_splitk: y[M, N] = x[M, K] @ W.T (or W), with
+// grid z = partitions of K, each k_per_split long.
+struct QmmParams {
+  uint32_t M;
+  uint32_t N;
+  uint32_t K;
+  uint32_t k_per_split;  // a multiple of kQmmBK; K when not split (the last partition may be shorter)
+};
+static_assert(sizeof(QmmParams) == 16, "host and shader layouts must match");
+
 } // namespace metalq

@@ -2,6 +2,7 @@
 // metalq::kernel_name() in csrc/plan.cpp: affine_<kernel>_<type>_gs_<group size>_b_<bits>.
 #include "quantized.h"
 #include "qmv.h"
+#include "qmm.h"
 
 #define instantiate_kernel(name, func, ...) \
   template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
@@ -41,3 +42,31 @@ instantiate_types(qvm_split_k)
 instantiate_kernel("split_k_reduce_float", split_k_reduce, float)
 instantiate_kernel("split_k_reduce_half", split_k_reduce, half)
 instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
+
+// Prefill GEMMs (qmm.h): the orientation is the fourth template argument, so they have their own
+// nest: affine_qmm_{t,n}[_splitk]_<type>_gs_<gs>_b_<bits>; split_k_reduce sums the split-K partials.
+#define instantiate_qmm(type, group_size, bits) \
+  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, true) \
+  instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, false) \
+  instantiate_kernel("affine_qmm_t_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
+                     group_size, bits, true) \
+  instantiate_kernel("affine_qmm_n_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
+                     group_size, bits, false)
+
+#define instantiate_qmm_bits(type, group_size) \
+  instantiate_qmm(type, group_size, 1) \
+  instantiate_qmm(type, group_size, 2) \
+  instantiate_qmm(type, group_size, 3) \
+  instantiate_qmm(type, group_size, 4) \
+  instantiate_qmm(type, group_size, 5) \
+  instantiate_qmm(type, group_size, 6) \
+  instantiate_qmm(type, group_size, 8)
+
+#define instantiate_qmm_types(type) \
+  instantiate_qmm_bits(type, 32) \
+  instantiate_qmm_bits(type, 64) \
+  instantiate_qmm_bits(type, 128)
+
+instantiate_qmm_types(float)
+instantiate_qmm_types(half)
+instantiate_qmm_types(bfloat)

@@ -149,9 +149,14 @@ def test_split_k_partitions_cover_k():
 
 # ---- the library ---------------------------------------------------------------------------------
 
+# M >= kQmmMinRows plans the tiled GEMMs (metal/qmm.h, tested in test_metal_qmm.py).
+GEMM_KERNELS = ("qmm_t", "qmm_n", "qmm_t_splitk", "qmm_n_splitk")
+
+
 def plannable_names():
     names = {metalq._C.kernel_name(k, dtype, gs, bits) for k in KERNELS for dtype, gs, bits in FORMATS}
-    return names | {f"split_k_reduce_{t}" for t in ("float", "half", "bfloat")}
+    gemm = {metalq._C.kernel_name(k, dtype, gs, bits) for k in GEMM_KERNELS for dtype, gs, bits in FORMATS}
+    return names | gemm | {f"split_k_reduce_{t}" for t in ("float", "half", "bfloat")}
 
 
 def test_every_plannable_name_is_in_the_library(lib):
