@@ -139,12 +139,26 @@ def test_batched_left_padded_generation_equals_one_by_one(checkpoint):
     assert len(set(map(tuple, batched[:, ids.shape[1]:].tolist()))) > 1  # not a degenerate model
 
 
+@pytest.fixture
+def metalq_kernel():
+    """use_metalq_kernel() for one test; transformers' globals are restored afterwards."""
+    from transformers.integrations import metal_quantization
+    from transformers.quantizers import auto
+
+    saved = metal_quantization._metal_kernel, auto.AUTO_QUANTIZER_MAPPING["metal"]
+    mt.use_metalq_kernel(quantizer=False)
+    assert auto.AUTO_QUANTIZER_MAPPING["metal"] is saved[1]  # quantizer=False swaps only the kernel
+    mt.use_metalq_kernel()
+    assert issubclass(auto.AUTO_QUANTIZER_MAPPING["metal"], saved[1])
+    yield
+    metal_quantization._metal_kernel, auto.AUTO_QUANTIZER_MAPPING["metal"] = saved
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transformers_metal_linear_runs_on_metalq(bias, dtype):
+def test_transformers_metal_linear_runs_on_metalq(bias, dtype, metalq_kernel):
     from transformers.integrations import metal_quantization
 
-    mt.use_metalq_kernel()
     assert metal_quantization._get_metal_kernel().affine_qmm_t is metalq.affine_qmm_t
     torch.manual_seed(4)
     ours = MetalLinear.from_linear(torch.nn.Linear(256, 96, bias=bias, dtype=dtype), bits=4, group_size=64)
@@ -159,13 +173,12 @@ def test_transformers_metal_linear_runs_on_metalq(bias, dtype):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 4)
 
 
-def test_transformers_from_pretrained_stays_quantized_on_cpu(checkpoint):
+def test_transformers_from_pretrained_stays_quantized_on_cpu(checkpoint, metalq_kernel):
     name, _, directory = checkpoint
     if MODELS[name][3] != "metal" or MODELS[name][2]:
         pytest.skip("transformers reads its own Metal layout, with float embeddings, only")
     from transformers.integrations import metal_quantization
 
-    mt.use_metalq_kernel()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     layers = [m for m in model.modules() if isinstance(m, metal_quantization.MetalLinear)]
     assert len(layers) == 14 and all(m.weight.dtype == torch.uint32 for m in layers)
