@@ -565,3 +565,19 @@ def test_adversarial_inputs_do_not_crash():
             attempt()
         except (ValueError, TypeError, RuntimeError):
             pass
+
+
+# ---- threads inherit the caller's state -------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ("t", "n"))
+@pytest.mark.parametrize("m_rows", (1, 33), ids=lambda m: f"M{m}")
+def test_inference_mode_on_every_path(op, m_rows):
+    # The GEMM path runs tensor ops on worker threads, which must see the caller's inference mode.
+    w = torch.randn(96, 128)
+    packed = metalq.affine_quantize(w, 64, 4)
+    x = torch.randn(m_rows, 128 if op == "t" else 96)
+    fn = metalq.affine_qmm_t if op == "t" else metalq.affine_qmm_n
+    expected = fn(x, *packed)
+    with torch.inference_mode():
+        got = fn(x, *packed)
+    torch.testing.assert_close(got, expected)

@@ -1,6 +1,7 @@
 // CPU implementations of the metalq ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -225,7 +226,9 @@ at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, 
 at::Tensor qmm_t_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   const int64_t M = x2.size(0), N = W.rows, tiles = (N + kTileRows - 1) / kTileRows;
   auto y = at::empty({M, N}, x2.options());
+  const at::ThreadLocalState caller;  // inference mode etc.: worker threads run tensor ops on y
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(caller);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
       y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantized_tile(W, n0, n1, x2.options()).t()));
@@ -250,7 +253,9 @@ at::Tensor qmm_n_float(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   // Each thread accumulates its K-tiles into a partial product; the partials are summed at the end.
   const int64_t tiles = (K + kTileRows - 1) / kTileRows;
   std::vector<at::Tensor> partials(at::get_num_threads());
+  const at::ThreadLocalState caller;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(caller);
     auto& y = partials[at::get_thread_num()];
     if (!y.defined()) y = at::zeros({M, N}, x2.options());
     for (int64_t t = t0; t < t1; ++t) {
