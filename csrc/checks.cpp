@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <sstream>
 
@@ -82,6 +84,11 @@ void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits
   TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K), but it has ", w.dim(), ".");
   TORCH_CHECK_VALUE(w.sym_size(-1) % group_size == 0, "[", op, "] the last dimension of w (K=", w.sym_size(-1),
                     ") must be divisible by group_size=", group_size, "; w has shape ", shape_str(w), ".");
+}
+
+void check_finite_weights(const at::Tensor& w) {
+  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
 }
 
 c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,

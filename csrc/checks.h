@@ -19,6 +19,9 @@ void check_format(const char* op, int64_t group_size, int64_t bits);
 // w: float (..., R, K) with K % group_size == 0.
 void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits);
 
+// Data-dependent part of the quantize rules (real tensors only, not Meta): every value finite.
+void check_finite_weights(const at::Tensor& w);
+
 // Returns the unpacked last dimension K = wq.size(-1) * 32 / bits.
 c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits);

@@ -128,8 +128,7 @@ void quantize_rows(const T* w, int64_t rows, int64_t K, int64_t group_size, int 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w, int64_t group_size,
                                                                    int64_t bits) {
   check_affine_quantize(w, group_size, bits);
-  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
+  check_finite_weights(w);
   auto wc = w.contiguous();
   auto wq = at::empty(C10_AS_INTARRAYREF_SLOW(packed_sizes(w, bits)), w.options().dtype(at::kUInt32));
   const auto sym_gsizes = group_sizes(w, group_size);

@@ -14,8 +14,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_mps(const at::Tensor& w, int64_t group_size,
                                                                    int64_t bits) {
   check_affine_quantize(w, group_size, bits);
-  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
+  check_finite_weights(w);
   auto wc = w.contiguous();
   const auto gsizes = group_sizes(w, group_size);
   auto wq = at::empty_symint(packed_sizes(w, bits), w.options().dtype(at::kUInt32));
