@@ -173,10 +173,13 @@ def test_transformers_metal_linear_runs_on_metalq(bias, dtype, metalq_kernel):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 4)
 
 
+# transformers reads its own Metal layout, with float embeddings, only
+@pytest.mark.parametrize(
+    "checkpoint", sorted(n for n, (_, _, embeddings, layout) in MODELS.items() if layout == "metal" and not embeddings),
+    indirect=True,
+)
 def test_transformers_from_pretrained_stays_quantized_on_cpu(checkpoint, metalq_kernel):
     name, _, directory = checkpoint
-    if MODELS[name][3] != "metal" or MODELS[name][2]:
-        pytest.skip("transformers reads its own Metal layout, with float embeddings, only")
     from transformers.integrations import metal_quantization
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
