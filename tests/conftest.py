@@ -1,6 +1,7 @@
 """Shared test helpers."""
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,20 @@ def require_mlx():
     import mlx.core as mx
 
     return mx
+
+
+METAL_DIR = Path(__file__).resolve().parents[1] / "metal"
+
+
+def metal_library(path: Path = METAL_DIR / "quantized.metal"):
+    """A metal/ source compiled for the Metal emulator (cached by content), which needs clang-19."""
+    import emulator
+
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    return emulator.load(path, (str(METAL_DIR),))
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """metal/quantized.metal on the Metal emulator."""
+    return metal_library()

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import metalq
 from metalq import MetalLinear
 
 # max |y - reference| / max |reference| per activation dtype (float32 accumulation inside the kernel)

@@ -11,7 +11,7 @@ import torch
 
 import emulator
 import metalq
-from conftest import require
+from conftest import metal_library
 from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 METAL = Path(__file__).resolve().parents[1] / "metal"
@@ -19,16 +19,6 @@ DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "b
 FORMATS = list(itertools.product(DTYPES, SUPPORTED_GROUP_SIZES, SUPPORTED_BITS))
 FORMAT_IDS = [f"{DTYPES[d]}-gs{gs}-b{bits}" for d, gs, bits in FORMATS]
 KERNELS = ("quantize", "dequantize")
-
-
-def _library(path=METAL / "quantized.metal"):
-    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
-    return emulator.load(path, (str(METAL),))
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return _library()
 
 
 def _poisoned_like_meta(meta):
@@ -84,7 +74,7 @@ def _packed(shape, dtype, group_size, bits, seed):
 @pytest.mark.parametrize("path", sorted(METAL.glob("*.metal")), ids=lambda p: p.name)
 def test_every_metal_file_compiles(path):
     # Building type-checks every instantiated kernel with Metal's address-space rules.
-    assert _library(path).kernels
+    assert metal_library(path).kernels
 
 
 def test_library_holds_exactly_the_plannable_kernels(lib):
@@ -171,7 +161,7 @@ def test_traffic_meets_floor(lib, bits):
 
 
 if __name__ == "__main__":
-    library = _library()
+    library = metal_library()
     print("device bytes per dispatch, float16 512x1024, group size 64 (read+written / distinct / floor)")
     for bits in (3, 4):
         for (kernel, binding), (m, f) in traffic_table(library, bits).items():

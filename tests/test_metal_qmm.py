@@ -13,7 +13,7 @@ import torch
 
 import emulator
 import metalq
-from conftest import require
+from conftest import metal_library
 from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 METAL = Path(__file__).resolve().parents[1] / "metal"
@@ -24,12 +24,6 @@ FORMAT_IDS = [f"{DTYPES[d]}-gs{gs}-b{bits}" for d, gs, bits in FORMATS]
 # accumulation.
 TOL = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 TILE, THREADS = 32, 128  # kQmmBM = kQmmBN = kQmmBK, kQmmThreads (metal/params.h)
-
-
-@pytest.fixture(scope="module")
-def lib():
-    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
-    return emulator.load(METAL / "quantized.metal", (str(METAL),))
 
 
 def _problem(M, N, K, dtype, group_size, bits, transpose, seed=0):
@@ -211,7 +205,7 @@ def test_traffic_matches_tile_arithmetic(lib, M, N, K, transpose):
 
 
 if __name__ == "__main__":
-    library = emulator.load(METAL / "quantized.metal", (str(METAL),))
+    library = metal_library()
     print("device bytes per dispatch, float16, 4-bit, group size 64: measured read+written / distinct "
           "| expected from the tiles")
     for M, N, K, transpose in TRAFFIC_CASES:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import emulator
 import metalq
-from conftest import require
+from conftest import metal_library
 from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 METAL = Path(__file__).resolve().parents[1] / "metal"
@@ -48,16 +47,6 @@ def cases(group_size, bits):
         ("qvm-M3", ["qvm"], 3, 100, gs, False),
         ("qvm_split_k", ["qvm_split_k", "split_k_reduce"], 2, big_k + 44, gs, False),
     ]
-
-
-def _library(path=METAL / "quantized.metal"):
-    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
-    return emulator.load(path, (str(METAL),))
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return _library()
 
 
 def _operands(M, K, N, dtype, group_size, bits, transpose, seed):
@@ -198,7 +187,7 @@ def test_decode_gemv_reads_weights_once(lib, bits):
 
 
 if __name__ == "__main__":
-    library = _library()
+    library = metal_library()
     print("qmv_fast, float16 x[1, 2048] @ W[64, 2048].T, group size 64: device bytes per binding")
     print(f"{'bits':>4} {'binding':<7} {'read':>8} {'distinct':>8} {'written':>8} {'tensor':>8} {'reads':>6}")
     for b in (3, 4, 6):

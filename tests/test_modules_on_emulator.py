@@ -8,10 +8,10 @@ import torch
 import metalq
 import metalq.ops
 from test_metal_kernels import emulate_dequantize
-from test_metal_qmv import emulate_qmm, lib  # noqa: F401  (module-scoped emulator library fixture)
+from test_metal_qmv import emulate_qmm
 
 
-def route_ops_to_emulator(lib, monkeypatch):  # noqa: F811
+def route_ops_to_emulator(lib, monkeypatch):
     """Routes metalq's matmul and dequantize wrappers to the Metal kernels on the emulator."""
 
     def qmm(x, w, scales, biases, group_size, bits, transpose):
@@ -30,7 +30,7 @@ def route_ops_to_emulator(lib, monkeypatch):  # noqa: F811
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("bits, group_size", ((4, 64), (3, 32), (8, 128)))
 @pytest.mark.parametrize("rows", (1, 5, 33))
-def test_metal_linear_forward_matches_cpu(lib, monkeypatch, dtype, bits, group_size, rows):  # noqa: F811
+def test_metal_linear_forward_matches_cpu(lib, monkeypatch, dtype, bits, group_size, rows):
     torch.manual_seed(rows + bits)
     layer = metalq.MetalLinear.from_linear(torch.nn.Linear(256, 72).to(dtype), bits=bits, group_size=group_size)
     x = torch.randn(rows, 256, dtype=dtype)
@@ -43,7 +43,7 @@ def test_metal_linear_forward_matches_cpu(lib, monkeypatch, dtype, bits, group_s
 
 
 @pytest.mark.parametrize("bits, group_size", ((4, 64), (6, 32)))
-def test_metal_embedding_lookup_matches_cpu(lib, monkeypatch, bits, group_size):  # noqa: F811
+def test_metal_embedding_lookup_matches_cpu(lib, monkeypatch, bits, group_size):
     torch.manual_seed(bits)
     table = metalq.MetalEmbedding.from_embedding(torch.nn.Embedding(50, 128), bits=bits, group_size=group_size)
     ids = torch.tensor([[0, 7, 49], [7, 3, 3]])
