@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, check_format
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+from .linear import register_packed_buffers
 from .ops import affine_dequantize, affine_qmm_t, affine_quantize
 
 
@@ -44,20 +45,10 @@ class MetalEmbedding(nn.Module):
         device=None,
     ):
         super().__init__()
-        check_format("MetalEmbedding", bits, group_size)
-        if embedding_dim % group_size:
-            raise ValueError(
-                f"MetalEmbedding: embedding_dim={embedding_dim} must be divisible by group_size={group_size}"
-            )
+        register_packed_buffers(self, "MetalEmbedding", num_embeddings, ("embedding_dim", embedding_dim), bits,
+                                group_size, dtype, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        self.bits, self.group_size = bits, group_size
-        groups = (num_embeddings, embedding_dim // group_size)
-        self.register_buffer(
-            "weight", torch.zeros(num_embeddings, embedding_dim * bits // 32, dtype=torch.uint32, device=device)
-        )
-        self.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
-        self.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
 
     @classmethod
     def from_embedding(

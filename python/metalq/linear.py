@@ -10,6 +10,22 @@ from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, check_format
 from .ops import affine_dequantize, affine_qmm_t, affine_quantize
 
 
+def register_packed_buffers(module: nn.Module, owner: str, rows: int, cols: tuple[str, int], bits: int,
+                            group_size: int, dtype, device) -> None:
+    """Validates the format and gives ``module`` the frozen buffers of a packed ``rows x cols[1]`` matrix:
+    ``weight`` uint32 ``(rows, cols*bits/32)``, ``scales`` and ``qbiases`` ``(rows, cols/group_size)``, plus
+    ``module.bits`` and ``module.group_size``. ``cols`` is ``(argument name, value)`` for the error message."""
+    check_format(owner, bits, group_size)
+    name, n = cols
+    if n % group_size:
+        raise ValueError(f"{owner}: {name}={n} must be divisible by group_size={group_size}")
+    module.bits, module.group_size = bits, group_size
+    groups = (rows, n // group_size)
+    module.register_buffer("weight", torch.zeros(rows, n * bits // 32, dtype=torch.uint32, device=device))
+    module.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
+    module.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
+
+
 class MetalLinear(nn.Module):
     """``y = x @ dequantize(weight).T + bias`` with a low-bit weight that is never materialised.
 
@@ -43,19 +59,9 @@ class MetalLinear(nn.Module):
         device=None,
     ):
         super().__init__()
-        check_format("MetalLinear", bits, group_size)
-        if in_features % group_size:
-            raise ValueError(
-                f"MetalLinear: in_features={in_features} must be divisible by group_size={group_size}"
-            )
+        register_packed_buffers(self, "MetalLinear", out_features, ("in_features", in_features), bits, group_size,
+                                dtype, device)
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
-        groups = (out_features, in_features // group_size)
-        self.register_buffer(
-            "weight", torch.zeros(out_features, in_features * bits // 32, dtype=torch.uint32, device=device)
-        )
-        self.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
-        self.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
