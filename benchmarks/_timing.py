@@ -122,6 +122,7 @@ def metalq_isa() -> str:
 
     return metalq._C.cpu_kernel_isa()
 
+
 def header_lines(title: str) -> List[str]:
     try:
         import mlx.core as mx
@@ -137,3 +138,35 @@ def header_lines(title: str) -> List[str]:
         f"({torch.get_num_threads()} intra-op threads), mlx {mlx_version}",
         f"# metalq ISA  {metalq_isa()}",
     ]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_common_arguments(p, budget: float) -> None:
+    """The options every benchmark script shares: formats, timing, threads, MLX, output."""
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    p.add_argument("--reps", type=int, default=100, help="most timed calls per op")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before the first timed round")
+    p.add_argument("--budget", type=float, default=budget,
+                   help="seconds of timed calls per op and config (at least 5 calls; ops slower than 2 s get 1)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
+    p.add_argument("--no-mlx", action="store_true", help="skip the MLX baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", metavar="PATH", help="also write every row, with sample counts, to PATH")
+
+
+def start_run(args, title: str, mx) -> bool:
+    """Applies --threads, puts MLX (module or None) on its CPU, prints the header; True if MLX is compared."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_mlx = mx is not None and not args.no_mlx
+    if use_mlx:
+        mx.set_default_device(mx.cpu)
+    for line in header_lines(title):
+        print(line)
+    return use_mlx

@@ -36,14 +36,13 @@ import torch
 import torch.nn.functional as F
 
 import metalq
-from _timing import header_lines, measure, timed_call
+from _timing import DTYPES, add_common_arguments, measure, start_run, timed_call
 
 try:
     import mlx.core as mx
 except ImportError:
     mx = None
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Normwise error allowed against the float32 oracle: bf16/fp16 outputs are rounded to 8/11 bits.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -53,21 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--M", type=int, nargs="+", default=[1, 8, 128], help="rows of x (tokens)")
     p.add_argument("--K", type=int, default=4096, help="input features (quantized axis)")
     p.add_argument("--N", type=int, default=14336, help="output features")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--reps", type=int, default=100, help="most timed calls per op")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls before the first timed round")
-    p.add_argument("--budget", type=float, default=0.5,
-                   help="seconds of timed calls per op and config (at least 5 calls; ops slower than 2 s get 1)")
     p.add_argument("--max-call", type=float, default=2.5,
                    help="skip a baseline whose call, extrapolated linearly in M from the previous M, would exceed this many s")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
-    p.add_argument("--no-mlx", action="store_true", help="skip the MLX baseline")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", metavar="PATH", help="also write every row, with sample counts, to PATH")
+    add_common_arguments(p, budget=0.5)
     return p.parse_args(argv)
 
 
@@ -133,14 +120,7 @@ def pytorch_int_baseline(w, wq, scales, biases, dtype, group_size, bits):
 def main(argv=None):
     args = parse_args(argv)
     gs, K, N = args.group_size, args.K, args.N
-    use_mlx = mx is not None and not args.no_mlx
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if use_mlx:
-        mx.set_default_device(mx.cpu)
-
-    for line in header_lines("metalq affine_qmm_t (y = x @ dequant(W).T) on CPU"):
-        print(line)
+    use_mlx = start_run(args, "metalq affine_qmm_t (y = x @ dequant(W).T) on CPU", mx)
     print(f"# config      K={K} N={N} group_size={gs} bits={args.bits} M={args.M} dtypes={args.dtypes}; "
           f"median of up to {args.reps} calls, {args.budget:g} s budget per op")
     print(f"# columns     ms = median {args.clock} time per call; ratios = metalq ms / other ms (<1: metalq faster);")

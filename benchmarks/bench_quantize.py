@@ -23,32 +23,20 @@ import numpy as np
 import torch
 
 import metalq
-from _timing import header_lines, measure
+from _timing import DTYPES, add_common_arguments, measure, start_run
 
 try:
     import mlx.core as mx
 except ImportError:
     mx = None
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--K", type=int, default=4096, help="columns of W (quantized axis)")
     p.add_argument("--N", type=int, default=14336, help="rows of W")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--reps", type=int, default=100, help="most timed calls per op")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls before the first timed round")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per op and config (at least 5 calls)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
-    p.add_argument("--no-mlx", action="store_true", help="skip the MLX baseline")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", metavar="PATH", help="also write every row, with sample counts, to PATH")
+    add_common_arguments(p, budget=1.0)
     return p.parse_args(argv)
 
 
@@ -60,14 +48,7 @@ def to_numpy(a) -> np.ndarray:
 def main(argv=None):
     args = parse_args(argv)
     gs, K, N = args.group_size, args.K, args.N
-    use_mlx = mx is not None and not args.no_mlx
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if use_mlx:
-        mx.set_default_device(mx.cpu)
-
-    for line in header_lines("metalq affine_quantize / affine_dequantize on CPU"):
-        print(line)
+    use_mlx = start_run(args, "metalq affine_quantize / affine_dequantize on CPU", mx)
     print(f"# config      W ({N}, {K}) quantized along K, group_size={gs} bits={args.bits} dtypes={args.dtypes}; "
           f"median of up to {args.reps} calls, {args.budget:g} s budget per op")
     print(f"# columns     ms = median {args.clock} time per call; GB/s = float W bytes (input of quantize, output of")
