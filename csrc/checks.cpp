@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <sstream>
@@ -30,15 +31,17 @@ bool is_float(const at::Tensor& t) {
   return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
 }
 
-std::string shape_str(const at::Tensor& t) {
+std::string sizes_str(c10::SymIntArrayRef sizes) {
   std::ostringstream out;
   out << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.sym_size(i);
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
   out << ")";
   return out.str();
 }
 
-void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+std::string shape_str(const at::Tensor& t) { return sizes_str(t.sym_sizes()); }
+
+void check_same_device(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& ts) {
   auto first = ts.begin();
   for (auto it = ts.begin() + 1; it != ts.end(); ++it) {
     TORCH_CHECK_VALUE(it->second->device() == first->second->device(), "[", op, "] all tensors must be on one device, but ",
@@ -61,6 +64,87 @@ void check_scales_biases(const char* op, const at::Tensor& scales, const at::Ten
 void check_packed(const char* op, const at::Tensor& w) {
   TORCH_CHECK_TYPE(w.scalar_type() == at::kUInt32, "[", op, "] the packed weight w must be uint32, got ",
                    w.scalar_type(), ".");
+}
+
+// The dtype rules of every quantized matmul operand.
+void check_qmm_dtypes(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const at::Tensor& biases) {
+  TORCH_CHECK_TYPE(is_float(x), "[", op, "] x must be float32, float16 or bfloat16, got ", x.scalar_type(), ".");
+  check_packed(op, w);
+  check_scales_biases(op, scales, biases);
+  TORCH_CHECK_TYPE(scales.scalar_type() == x.scalar_type(), "[", op,
+                   "] scales and biases must have the dtype of x (", x.scalar_type(), "), got ", scales.scalar_type(),
+                   "; cast them with .to(x.dtype).");
+}
+
+// The rules on the matrix dimensions: w (..., rows, words) with scales of shape (..., rows, groups)
+// (the same batch dimensions) and x (..., K). Returns K and N.
+QmmShape check_qmm_matrix(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          int64_t group_size, int64_t bits, bool transpose) {
+  TORCH_CHECK_VALUE(w.sym_size(-1) * 32 % bits == 0, "[", op, "] w has ", w.sym_size(-1),
+                    " uint32 words per row, which is not a whole number of ", bits, "-bit values.");
+  c10::SymInt rows = w.sym_size(-2);
+  c10::SymInt packed_len = w.sym_size(-1) * 32 / bits;  // values per row along the quantized axis
+  auto expected = w.sym_sizes().vec();
+  expected.back() = packed_len / group_size;
+  TORCH_CHECK_VALUE(packed_len % group_size == 0 && scales.sym_sizes() == c10::SymIntArrayRef(expected),
+                    "[", op, "] w of shape ", shape_str(w), " packs ", packed_len, " values per row at bits=", bits,
+                    ", so scales and biases must have shape ", sizes_str(expected), " for group_size=", group_size,
+                    ", but scales has shape ", shape_str(scales), ".");
+  QmmShape shape = transpose ? QmmShape{packed_len, rows} : QmmShape{rows, packed_len};
+  TORCH_CHECK_VALUE(x.sym_size(-1) == shape.K, "[", op, "] the last dimension of x (", x.sym_size(-1),
+                    ") must equal K=", shape.K, " of the weight: w of shape ", shape_str(w), " with bits=", bits,
+                    (transpose ? " holds [N, K]" : " holds [K, N]"), ".");
+  return shape;
+}
+
+c10::SymInt product(c10::SymIntArrayRef sizes) {
+  c10::SymInt n = 1;
+  for (const auto& s : sizes) n = n * s;
+  return n;
+}
+
+// Broadcasts two index shapes as NumPy does; `lhs` and `rhs` name them in the error.
+std::vector<c10::SymInt> broadcast_index_shapes(const char* op, c10::SymIntArrayRef a, const std::string& lhs,
+                                                c10::SymIntArrayRef b, const std::string& rhs) {
+  const size_t ndim = std::max(a.size(), b.size());
+  std::vector<c10::SymInt> out(ndim);
+  for (size_t i = 0; i < ndim; ++i) {
+    const c10::SymInt da = i < a.size() ? a[a.size() - 1 - i] : c10::SymInt(1);
+    const c10::SymInt db = i < b.size() ? b[b.size() - 1 - i] : c10::SymInt(1);
+    TORCH_CHECK_VALUE(da == db || da == 1 || db == 1, "[", op, "] ", lhs, " with shape ", sizes_str(a), " and ", rhs,
+                      " with shape ", sizes_str(b), " cannot be broadcast together.");
+    out[ndim - 1 - i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+constexpr const char* kGatherOp = "affine_gather_qmm";
+
+// One operand's index for every output matrix, flattened: the given indices (each checked to address
+// one of the operand's `count` matrices) or arange(count) in the operand's batch shape, broadcast to
+// shape.batch.
+at::Tensor flat_gather_indices(const GatherQmmShape& shape, const std::optional<at::Tensor>& indices,
+                               const char* name, const at::Tensor& operand, const char* operand_name) {
+  const auto operand_batch = operand.sizes().slice(0, operand.dim() - 2);
+  const int64_t count = c10::multiply_integers(operand_batch);
+  at::Tensor idx;
+  if (indices) {
+    idx = indices->to(at::kLong);
+    const auto bad = idx.lt(0).logical_or_(idx.ge(count));
+    if (bad.any().item<bool>()) {
+      const auto where = bad.nonzero()[0].cpu();
+      std::ostringstream pos;
+      for (int64_t d = 0; d < where.numel(); ++d) pos << (d ? ", " : "[") << where[d].item<int64_t>();
+      if (where.numel() > 0) pos << "]";
+      TORCH_CHECK_INDEX(false, "[", kGatherOp, "] ", name, pos.str(), " = ", idx.masked_select(bad)[0].item<int64_t>(),
+                        " is out of range: ", operand_name, " of shape ", shape_str(operand), " holds ", count,
+                        " matrices, so ", name, " must lie in [0, ", count, ").");
+    }
+  } else {
+    idx = at::arange(count, operand.options().dtype(at::kLong)).view(operand_batch);
+  }
+  return idx.expand(C10_AS_INTARRAYREF_SLOW(shape.batch)).reshape({-1}).contiguous();
 }
 
 }  // namespace
@@ -111,33 +195,66 @@ c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
   return K;
 }
 
+
 QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   check_format(op, group_size, bits);
-  TORCH_CHECK_TYPE(is_float(x), "[", op, "] x must be float32, float16 or bfloat16, got ", x.scalar_type(), ".");
-  check_packed(op, w);
-  check_scales_biases(op, scales, biases);
-  TORCH_CHECK_TYPE(scales.scalar_type() == x.scalar_type(), "[", op,
-                   "] scales and biases must have the dtype of x (", x.scalar_type(), "), got ", scales.scalar_type(),
-                   "; cast them with .to(x.dtype).");
+  check_qmm_dtypes(op, x, w, scales, biases);
   check_same_device(op, {{"x", &x}, {"w", &w}, {"scales", &scales}, {"biases", &biases}});
   TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
   TORCH_CHECK_VALUE(w.dim() == 2, "[", op, "] w must be 2-D, got shape ", shape_str(w), ".");
   TORCH_CHECK_VALUE(scales.dim() == 2, "[", op, "] scales and biases must be 2-D, got shape ", shape_str(scales), ".");
-  TORCH_CHECK_VALUE(w.sym_size(-1) * 32 % bits == 0, "[", op, "] w has ", w.sym_size(-1),
-                    " uint32 words per row, which is not a whole number of ", bits, "-bit values.");
-  c10::SymInt rows = w.sym_size(0);
-  c10::SymInt packed_len = w.sym_size(1) * 32 / bits;  // values per row along the quantized axis
-  TORCH_CHECK_VALUE(packed_len % group_size == 0 && scales.sym_size(0) == rows &&
-                        scales.sym_size(1) * group_size == packed_len,
-                    "[", op, "] w of shape ", shape_str(w), " packs ", packed_len, " values per row at bits=", bits,
-                    ", so scales and biases must have shape (", rows, ", ", packed_len / group_size,
-                    ") for group_size=", group_size, ", but scales has shape ", shape_str(scales), ".");
-  QmmShape shape = transpose ? QmmShape{packed_len, rows} : QmmShape{rows, packed_len};
-  TORCH_CHECK_VALUE(x.sym_size(-1) == shape.K, "[", op, "] the last dimension of x (", x.sym_size(-1),
-                    ") must equal K=", shape.K, " of the weight: w of shape ", shape_str(w), " with bits=", bits,
-                    (transpose ? " holds [N, K]" : " holds [K, N]"), ".");
+  return check_qmm_matrix(op, x, w, scales, group_size, bits, transpose);
+}
+
+std::vector<c10::SymInt> GatherQmmShape::out_sizes() const {
+  auto sizes = batch;
+  sizes.push_back(M);
+  sizes.push_back(N);
+  return sizes;
+}
+
+GatherQmmShape check_affine_gather_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                       const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                       const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                       int64_t bits, bool transpose) {
+  const char* op = kGatherOp;
+  check_format(op, group_size, bits);
+  check_qmm_dtypes(op, x, w, scales, biases);
+  std::vector<std::pair<const char*, const at::Tensor*>> tensors{
+      {"x", &x}, {"w", &w}, {"scales", &scales}, {"biases", &biases}};
+  for (const auto& [name, idx] : {std::pair{"lhs_indices", &lhs_indices}, std::pair{"rhs_indices", &rhs_indices}}) {
+    if (!idx->has_value()) continue;
+    TORCH_CHECK_TYPE(c10::isIntegralType((*idx)->scalar_type(), /*includeBool=*/false), "[", op,
+                     "] Got indices with invalid dtype. Indices must be integral, but ", name, " has dtype ",
+                     (*idx)->scalar_type(), ".");
+    tensors.emplace_back(name, &**idx);
+  }
+  check_same_device(op, tensors);
+  TORCH_CHECK_VALUE(x.dim() >= 2, "[", op, "] x must have at least 2 dimensions (..., M, K), but got x with shape ",
+                    shape_str(x), ".");
+  TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, words), but got w with shape ",
+                    shape_str(w), ".");
+  const QmmShape qmm = check_qmm_matrix(op, x, w, scales, group_size, bits, transpose);
+  const auto x_batch = x.sym_sizes().slice(0, x.dim() - 2), w_batch = w.sym_sizes().slice(0, w.dim() - 2);
+  GatherQmmShape shape;
+  shape.batch = broadcast_index_shapes(
+      op, lhs_indices ? lhs_indices->sym_sizes() : x_batch, lhs_indices ? "lhs_indices" : "the batch shape of x",
+      rhs_indices ? rhs_indices->sym_sizes() : w_batch, rhs_indices ? "rhs_indices" : "the batch shape of w");
+  shape.M = x.sym_size(-2);
+  shape.K = qmm.K;
+  shape.N = qmm.N;
+  shape.x_count = product(x_batch);
+  shape.w_count = product(w_batch);
   return shape;
+}
+
+std::pair<at::Tensor, at::Tensor> gather_index_pairs(const GatherQmmShape& shape,
+                                                     const std::optional<at::Tensor>& lhs_indices,
+                                                     const std::optional<at::Tensor>& rhs_indices,
+                                                     const at::Tensor& x, const at::Tensor& w) {
+  return {flat_gather_indices(shape, lhs_indices, "lhs_indices", x, "x"),
+          flat_gather_indices(shape, rhs_indices, "rhs_indices", w, "w")};
 }
 
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits) {

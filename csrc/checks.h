@@ -5,6 +5,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <utility>
+#include <vector>
+
 namespace metalq {
 
 // Logical shape of a quantized matmul: y[M, N] = x[M, K] @ W where W is [N, K] (transposed) or [K, N].
@@ -29,6 +33,30 @@ c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor& w,
                           const at::Tensor& scales, const at::Tensor& biases, int64_t group_size,
                           int64_t bits, bool transpose);
+
+// Logical shape of affine_gather_qmm: out[i] = x[lhs[i]] @ W[rhs[i]] for every i of the broadcast
+// index shape `batch`, so the output is batch + [M, N]. x is (..., M, K) and holds x_count matrices;
+// w is (..., rows, cols) and holds w_count. A missing index defaults to arange(count) in the batch
+// shape of its operand (MLX's gather_qmm rule).
+struct GatherQmmShape {
+  std::vector<c10::SymInt> batch;
+  c10::SymInt M, K, N;
+  c10::SymInt x_count, w_count;
+  std::vector<c10::SymInt> out_sizes() const;
+};
+
+GatherQmmShape check_affine_gather_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                       const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                       const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                       int64_t bits, bool transpose);
+
+// The (lhs, rhs) pair of every output matrix of affine_gather_qmm, flattened over shape.batch, as
+// int64 on the indices' device. Checks the index values (real tensors only, not Meta): each must
+// address a matrix of its operand.
+std::pair<at::Tensor, at::Tensor> gather_index_pairs(const GatherQmmShape& shape,
+                                                     const std::optional<at::Tensor>& lhs_indices,
+                                                     const std::optional<at::Tensor>& rhs_indices,
+                                                     const at::Tensor& x, const at::Tensor& w);
 
 // q: uint8 (..., count) with count * bits % 32 == 0. Returns the packed sizes (..., count*bits/32).
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits);

@@ -40,6 +40,15 @@ at::Tensor affine_qmm_n_meta(const at::Tensor& x, const at::Tensor& w, const at:
   return qmm_meta("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
 }
 
+at::Tensor affine_gather_qmm_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                  const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                  const std::optional<at::Tensor>& rhs_indices, bool transpose, int64_t group_size,
+                                  int64_t bits, bool /*sorted_indices*/) {
+  const GatherQmmShape shape =
+      check_affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose);
+  return at::empty_symint(shape.out_sizes(), x.options());
+}
+
 at::Tensor pack_meta(const at::Tensor& q, int64_t bits) {
   return at::empty_symint(check_pack(q, bits), q.options().dtype(at::kUInt32));
 }
@@ -55,6 +64,7 @@ TORCH_LIBRARY_IMPL(metalq, Meta, m) {
   m.impl("affine_dequantize", &affine_dequantize_meta);
   m.impl("affine_qmm_t", &affine_qmm_t_meta);
   m.impl("affine_qmm_n", &affine_qmm_n_meta);
+  m.impl("affine_gather_qmm", &affine_gather_qmm_meta);
   m.impl("pack", &pack_meta);
   m.impl("unpack", &unpack_meta);
 }

@@ -64,6 +64,9 @@ TORCH_LIBRARY(metalq, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("affine_qmm_n(Tensor x, Tensor w, Tensor scales, Tensor biases, int group_size, int bits) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.def("affine_gather_qmm(Tensor x, Tensor w, Tensor scales, Tensor biases, Tensor? lhs_indices, "
+        "Tensor? rhs_indices, bool transpose, int group_size, int bits, bool sorted_indices) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("pack(Tensor q, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("unpack(Tensor w, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

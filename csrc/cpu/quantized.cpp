@@ -21,6 +21,9 @@ constexpr int64_t kGemmMinRows = 16;
 // Rows of W dequantized per GEMM tile: large enough for an efficient GEMM, small enough to stay in
 // the L2 cache of the thread that made it (256 x 4096 float32 = 4 MiB).
 constexpr int64_t kTileRows = 256;
+// Rows of W per work item of the fused qmm_t kernels: small enough to spread one product over many
+// threads, large enough that starting an item costs little.
+constexpr int64_t kFusedTileRows = 64;
 // Units of columns handed to one thread by qmm_n: a multiple of every decoder block (at most 512).
 constexpr int64_t kColumnUnit = 512;
 
@@ -184,31 +187,6 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
 
 // ---- quantized matmul ---------------------------------------------------------------------------
 
-// x2 [M, K] float32 contiguous; returns x2 @ W.T as float32 [M, N] through the fused kernels.
-at::Tensor qmm_t_fused(const cpu::PackedMatrix& W, const at::Tensor& x2) {
-  const auto& k = cpu::kernels();
-  const int64_t M = x2.size(0), N = W.rows;
-  auto scratch = at::empty({cpu::qmm_t_scratch_floats(W, M)}, x2.options());
-  k.prepare_x(W, x2.data_ptr<float>(), M, scratch.data_ptr<float>());
-  auto y = at::empty({M, N}, x2.options());
-  const float* s = scratch.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { k.qmm_t(W, s, M, out, N, n0, n1); });
-  return y;
-}
-
-// x2 [M, K] bfloat16 contiguous, bfloat16 scales; x2 @ W.T as float32 [M, N] through bfloat16 dot products.
-at::Tensor qmm_t_fused_bf16(const cpu::PackedMatrix& W, const cpu::Bf16QmmT& k, const at::Tensor& x2) {
-  const int64_t M = x2.size(0), N = W.rows;
-  auto scratch = at::empty({k.scratch_bytes(W, M)}, x2.options().dtype(at::kByte));
-  k.prepare_x(W, static_cast<const uint16_t*>(x2.data_ptr()), M, scratch.data_ptr());
-  auto y = at::empty({M, N}, x2.options().dtype(at::kFloat));
-  const void* s = scratch.data_ptr();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { k.qmm_t(W, s, M, out, N, n0, n1); });
-  return y;
-}
-
 // Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile, on the calling thread.
 at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, const at::TensorOptions& opts) {
   const auto& k = cpu::kernels();
@@ -220,36 +198,10 @@ at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, 
   return tile;
 }
 
-// x2 [M, K] in the GEMM dtype (float32 or bfloat16); W [N, K]. Each thread dequantizes its own tiles
-// and multiplies them with a single-threaded GEMM: one parallel region, no barrier per tile.
-at::Tensor qmm_t_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
-  const int64_t M = x2.size(0), N = W.rows, tiles = (N + kTileRows - 1) / kTileRows;
-  auto y = at::empty({M, N}, x2.options());
-  const at::ThreadLocalState caller;  // inference mode etc.: worker threads run tensor ops on y
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    at::ThreadLocalStateGuard guard(caller);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantized_tile(W, n0, n1, x2.options()).t()));
-    }
-  });
-  return y;
-}
-
-// x2 [M, K] float32; W [K, N]. Small M through the fused kernel, large M as a K-tiled float GEMM.
-at::Tensor qmm_n_float(const cpu::PackedMatrix& W, const at::Tensor& x2) {
+// x2 [M, K] float32; W [K, N]: x2 @ W as a K-tiled float GEMM. Each thread accumulates its K-tiles
+// into a partial product; the partials are summed at the end.
+at::Tensor qmm_n_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   const int64_t M = x2.size(0), K = W.rows, N = W.cols;
-  if (M < kGemmMinRows) {
-    auto y = at::empty({M, N}, x2.options());
-    const auto& k = cpu::kernels();
-    const float* x = x2.data_ptr<float>();
-    float* out = y.data_ptr<float>();
-    at::parallel_for(0, (N + kColumnUnit - 1) / kColumnUnit, 1, [&](int64_t u0, int64_t u1) {
-      k.qmm_n(W, x, M, out, u0 * kColumnUnit, std::min(N, u1 * kColumnUnit));
-    });
-    return y;
-  }
-  // Each thread accumulates its K-tiles into a partial product; the partials are summed at the end.
   const int64_t tiles = (K + kTileRows - 1) / kTileRows;
   std::vector<at::Tensor> partials(at::get_num_threads());
   const at::ThreadLocalState caller;
@@ -268,6 +220,101 @@ at::Tensor qmm_n_float(const cpu::PackedMatrix& W, const at::Tensor& x2) {
   return y;
 }
 
+// Rows [row0, row0 + rows) of the left operand, all multiplied by the packed matrix W. A plain
+// matmul is one such block; a gather matmul has one block per expert in use.
+struct RowBlock {
+  cpu::PackedMatrix W;
+  int64_t row0, rows;
+  // Few rows run through the fused kernels, whose cost grows with every row; many rows dequantize
+  // tiles of W into a GEMM.
+  bool fused() const { return rows < kGemmMinRows; }
+};
+
+// y = x @ W.T for every block: x [rows, K], returns float32 [rows, N]. One parallel region over
+// (block, tile of N), so each W is read once and small blocks still spread over the threads.
+at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x, int bits) {
+  const auto& k = cpu::kernels();
+  const int64_t N = blocks.front().W.rows;
+  // bfloat16 activations keep bfloat16 dot products where this CPU has them, and a bfloat16 GEMM
+  // (as a dense bfloat16 linear would); others run in float32.
+  const bool bf16_x = x.scalar_type() == at::kBFloat16;
+  const cpu::Bf16QmmT* bf16 = bf16_x ? k.bf16_qmm_t(bits) : nullptr;
+  const auto x_fused = x.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  const auto x_gemm = x.to(bf16_x ? at::kBFloat16 : at::kFloat).contiguous();
+  std::vector<at::Tensor> scratch(blocks.size());  // x laid out for the decoder, per fused block
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const RowBlock& blk = blocks[b];
+    if (blk.fused())
+      scratch[b] = bf16 ? at::empty({bf16->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
+                        : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
+  }
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowBlock& blk = blocks[b];
+      if (!blk.fused()) continue;
+      if (bf16)
+        bf16->prepare_x(blk.W, static_cast<const uint16_t*>(x_fused[blk.row0].data_ptr()), blk.rows,
+                        scratch[b].data_ptr());
+      else
+        k.prepare_x(blk.W, x_fused[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
+    }
+  });
+  struct Tile { int64_t block, n0, n1; };
+  std::vector<Tile> tiles;
+  for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
+    const int64_t step = blocks[b].fused() ? kFusedTileRows : kTileRows;
+    for (int64_t n0 = 0; n0 < N; n0 += step) tiles.push_back({b, n0, std::min(N, n0 + step)});
+  }
+  auto y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  const at::ThreadLocalState caller;  // inference mode etc.: worker threads run tensor ops on y
+  at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(caller);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tile = tiles[t];
+      const RowBlock& blk = blocks[tile.block];
+      float* out = y.data_ptr<float>() + blk.row0 * N;
+      if (!blk.fused()) {
+        y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0)
+            .copy_(at::mm(x_gemm.narrow(0, blk.row0, blk.rows),
+                          dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t()));
+      } else if (bf16) {
+        bf16->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
+      } else {
+        k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
+      }
+    }
+  });
+  return y;
+}
+
+// y = x @ W for every block (W [K, N]): x [rows, K], returns float32 [rows, N]. Fused blocks share one
+// parallel region over (block, unit of columns); GEMM blocks split their K-tiles over the threads.
+at::Tensor blocks_qmm_n(const std::vector<RowBlock>& blocks, const at::Tensor& x) {
+  const auto& k = cpu::kernels();
+  const int64_t N = blocks.front().W.cols, K = x.size(1);
+  const auto x32 = x.to(at::kFloat).contiguous();
+  auto y = at::empty({x.size(0), N}, x32.options());
+  const int64_t units = (N + kColumnUnit - 1) / kColumnUnit;
+  std::vector<int64_t> fused;
+  for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
+    if (blocks[b].fused()) {
+      fused.push_back(b);
+    } else {
+      const RowBlock& blk = blocks[b];
+      y.narrow(0, blk.row0, blk.rows).copy_(qmm_n_gemm(blk.W, x32.narrow(0, blk.row0, blk.rows)));
+    }
+  }
+  at::parallel_for(0, int64_t(fused.size()) * units, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowBlock& blk = blocks[fused[i / units]];
+      const int64_t n0 = (i % units) * kColumnUnit;
+      k.qmm_n(blk.W, x32.data_ptr<float>() + blk.row0 * K, blk.rows, y.data_ptr<float>() + blk.row0 * N, n0,
+              std::min(N, n0 + kColumnUnit));
+    }
+  });
+  return y;
+}
+
 at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
@@ -276,19 +323,9 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
   out_sizes.back() = N;
   if (x.numel() == 0) return at::zeros(out_sizes, x.options());
   auto wc = w.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
-  const cpu::PackedMatrix W = packed_matrix(wc, sc, bc, group_size, bits);
   auto x2 = x.reshape({-1, K});
-  at::Tensor y;
-  if (!transpose) {
-    y = qmm_n_float(W, x2.to(at::kFloat).contiguous());
-  } else if (x2.size(0) < kGemmMinRows) {
-    const cpu::Bf16QmmT* bf16 = x.scalar_type() == at::kBFloat16 ? cpu::kernels().bf16_qmm_t(int(bits)) : nullptr;
-    y = bf16 ? qmm_t_fused_bf16(W, *bf16, x2.contiguous()) : qmm_t_fused(W, x2.to(at::kFloat).contiguous());
-  } else {
-    // bfloat16 activations keep a bfloat16 GEMM (as a dense bf16 linear would); others run in float32.
-    const auto gemm_dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-    y = qmm_t_gemm(W, x2.to(gemm_dtype).contiguous());
-  }
+  const std::vector<RowBlock> all_rows{{packed_matrix(wc, sc, bc, group_size, bits), 0, x2.size(0)}};
+  const auto y = transpose ? blocks_qmm_t(all_rows, x2, int(bits)) : blocks_qmm_n(all_rows, x2);
   return y.to(x.scalar_type()).view(out_sizes);
 }
 
@@ -302,6 +339,51 @@ at::Tensor affine_qmm_n_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   return affine_qmm_cpu("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
 }
 
+
+// ---- gather quantized matmul: out[i] = x[lhs[i]] @ W[rhs[i]], a mixture of experts ----------------
+
+// The output matrices are processed grouped by expert, so each expert's packed weights are read once
+// per call and all of its rows are multiplied together (one fused decode for a few decode tokens,
+// one GEMM per tile for many). A stable sort keeps already sorted indices in place, so
+// sorted_indices=True (which skips the sort) gives the same result.
+at::Tensor affine_gather_qmm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                 const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                 const std::optional<at::Tensor>& rhs_indices, bool transpose, int64_t group_size,
+                                 int64_t bits, bool sorted_indices) {
+  const GatherQmmShape shape =
+      check_affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose);
+  auto [lhs, rhs] = gather_index_pairs(shape, lhs_indices, rhs_indices, x, w);
+  const int64_t M = shape.M.expect_int(), K = shape.K.expect_int(), N = shape.N.expect_int();
+  const int64_t items = lhs.numel();
+  const auto sym_out_sizes = shape.out_sizes();
+  const auto out_sizes = C10_AS_INTARRAYREF_SLOW(sym_out_sizes);
+  if (items * M * N == 0 || K == 0) return at::zeros(out_sizes, x.options());
+  at::Tensor order;  // item -> output position, when the items were reordered
+  if (!sorted_indices) {
+    order = std::get<1>(rhs.sort(/*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+    lhs = lhs.index_select(0, order);
+    rhs = rhs.index_select(0, order);
+  }
+  const int64_t x_count = shape.x_count.expect_int(), w_count = shape.w_count.expect_int();
+  const auto xs = x.reshape({x_count, M, K}).index_select(0, lhs).view({items * M, K});
+  const auto w3 = w.reshape({w_count, w.size(-2), w.size(-1)}).contiguous();
+  const auto s3 = scales.reshape({w_count, scales.size(-2), scales.size(-1)}).contiguous();
+  const auto b3 = biases.reshape({w_count, biases.size(-2), biases.size(-1)}).contiguous();
+  std::vector<RowBlock> blocks;
+  const int64_t* expert = rhs.data_ptr<int64_t>();
+  for (int64_t i = 0; i < items; ++i) {
+    if (i == 0 || expert[i] != expert[i - 1]) {
+      const int64_t e = expert[i];
+      blocks.push_back({packed_matrix(w3[e], s3[e], b3[e], group_size, bits), i * M, 0});
+    }
+    blocks.back().rows += M;
+  }
+  auto y = (transpose ? blocks_qmm_t(blocks, xs, int(bits)) : blocks_qmm_n(blocks, xs))
+               .to(x.scalar_type()).view({items, M, N});
+  if (order.defined()) y = at::empty_like(y).index_copy_(0, order, y);
+  return y.view(out_sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalq, CPU, m) {
@@ -309,6 +391,7 @@ TORCH_LIBRARY_IMPL(metalq, CPU, m) {
   m.impl("affine_dequantize", &affine_dequantize_cpu);
   m.impl("affine_qmm_t", &affine_qmm_t_cpu);
   m.impl("affine_qmm_n", &affine_qmm_n_cpu);
+  m.impl("affine_gather_qmm", &affine_gather_qmm_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("unpack", &unpack_cpu);
 }

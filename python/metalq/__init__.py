@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from . import _C  # noqa: F401  (registers torch.ops.metalq.*)
 from .ops import (
     affine_dequantize,
+    affine_gather_qmm,
     affine_qmm_n,
     affine_qmm_t,
     affine_quantize,
@@ -25,6 +26,7 @@ __all__ = [
     "affine_dequantize",
     "affine_qmm_t",
     "affine_qmm_n",
+    "affine_gather_qmm",
     "pack",
     "unpack",
     "MetalConfig",

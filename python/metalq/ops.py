@@ -94,6 +94,47 @@ def affine_qmm_n(
     return _ops.affine_qmm_n(x, w, scales, biases, group_size, bits)
 
 
+def affine_gather_qmm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    *,
+    transpose: bool = True,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    bits: int = DEFAULT_BITS,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """Quantized matmul of gathered matrices, as ``mlx.core.gather_qmm``: the mixture-of-experts product.
+
+    For every position ``i`` of the broadcast index shape,
+    ``out[i] = x[lhs_indices[i]] @ dequantize(w[rhs_indices[i]]).T`` (``.T`` only with ``transpose``),
+    where ``x`` and ``w`` are indexed by their batch dimensions flattened.
+
+    Args:
+        x: ``(..., M, K)`` float32, float16 or bfloat16.
+        w: uint32 ``(..., N, K*bits/32)`` with ``transpose`` (experts stacked in the batch dimensions),
+            ``(..., K, N*bits/32)`` without.
+        scales, biases: ``w``'s batch dimensions, then ``(N, K/group_size)`` (``(K, N/group_size)``
+            without ``transpose``), in ``x.dtype``.
+        lhs_indices, rhs_indices: integer tensors broadcastable against each other. A missing one is
+            ``arange`` over its operand's batch dimensions, in their shape. Values must address a matrix
+            of their operand.
+        sorted_indices: a hint that ``rhs_indices`` is sorted (as a mixture-of-experts layer arranges
+            its tokens); the result does not depend on it.
+
+    Returns:
+        ``broadcast(lhs_indices, rhs_indices).shape + (M, N)`` in ``x.dtype``, accumulated in float32.
+
+    Example (top-k routing: ``x`` ``(tokens, 1, 1, K)``, ``experts`` ``(tokens, k)``):
+        >>> y = metalq.affine_gather_qmm(x, w, s, b, rhs_indices=experts)  # (tokens, k, 1, N)
+    """
+    return _ops.affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits,
+                                  sorted_indices)
+
+
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 values ``q`` (``(..., count)``, each ``< 2**bits``) into uint32 ``(..., count*bits/32)``, LSB-first."""
     return _ops.pack(q, bits)
@@ -134,5 +175,35 @@ def _qmm_n_backward(ctx, grad):
     return grad_x, None, None, None, None, None
 
 
+def _setup_gather_qmm_context(ctx, inputs, output):
+    x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, sorted_indices = inputs
+    ctx.save_for_backward(w, scales, biases, lhs_indices, rhs_indices)
+    ctx.x_shape = x.shape
+    ctx.transpose, ctx.group_size, ctx.bits, ctx.sorted_indices = transpose, group_size, bits, sorted_indices
+
+
+def _gather_qmm_backward(ctx, grad):
+    # out[i] = x[lhs[i]] @ B[rhs[i]], so dx[j] = sum over i with lhs[i] == j of grad[i] @ B[rhs[i]].T: the
+    # gather product of grad against the same experts (transpose flipped), scatter-added back over lhs.
+    _reject_weight_grads(ctx)
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    w, scales, biases, lhs_indices, rhs_indices = ctx.saved_tensors
+    x_batch, (m_rows, k_dim) = ctx.x_shape[:-2], ctx.x_shape[-2:]
+    w_batch = w.shape[:-2]
+    batch = grad.shape[:-2]
+    if rhs_indices is None:
+        rhs_indices = torch.arange(w_batch.numel(), device=grad.device).view(w_batch)
+    per_item = _ops.affine_gather_qmm(grad, w, scales, biases, None, rhs_indices.expand(batch), not ctx.transpose,
+                                      ctx.group_size, ctx.bits, ctx.sorted_indices)
+    if lhs_indices is None:
+        lhs_indices = torch.arange(x_batch.numel(), device=grad.device).view(x_batch)
+    grad_x = torch.zeros((x_batch.numel(), m_rows, k_dim), dtype=grad.dtype, device=grad.device)
+    grad_x.index_add_(0, lhs_indices.expand(batch).reshape(-1).long(), per_item.reshape(-1, m_rows, k_dim))
+    return (grad_x.view(ctx.x_shape),) + (None,) * 9
+
+
 torch.library.register_autograd("metalq::affine_qmm_t", _qmm_t_backward, setup_context=_setup_qmm_context)
 torch.library.register_autograd("metalq::affine_qmm_n", _qmm_n_backward, setup_context=_setup_qmm_context)
+torch.library.register_autograd("metalq::affine_gather_qmm", _gather_qmm_backward,
+                                setup_context=_setup_gather_qmm_context)
