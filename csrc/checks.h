@@ -11,10 +11,12 @@
 
 namespace metalq {
 
-// Logical shape of a quantized matmul: y[M, N] = x[M, K] @ W where W is [N, K] (transposed) or [K, N].
+// Logical shape of a quantized matmul: y[..., M, N] = x[..., M, K] @ W where W is [..., N, K]
+// (transposed) or [..., K, N].
 struct QmmShape {
   c10::SymInt K;  // contraction length
   c10::SymInt N;  // output features
+  std::vector<c10::SymInt> out_sizes;  // the output's shape
 };
 
 void check_bits(const char* op, int64_t bits);
@@ -30,6 +32,8 @@ void check_finite_weights(const at::Tensor& w);
 c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits);
 
+// w, scales, biases may carry batch dimensions (the same for all three); see the broadcast rule in
+// checks.cpp. The output's shape is in the result.
 QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor& w,
                           const at::Tensor& scales, const at::Tensor& biases, int64_t group_size,
                           int64_t bits, bool transpose);

@@ -25,9 +25,8 @@ at::Tensor affine_dequantize_meta(const at::Tensor& wq, const at::Tensor& scales
 
 at::Tensor qmm_meta(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                     const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
-  auto sizes = x.sym_sizes().vec();
-  sizes.back() = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose).N;
-  return at::empty_symint(sizes, x.options());
+  return at::empty_symint(check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose).out_sizes,
+                          x.options());
 }
 
 at::Tensor affine_qmm_t_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,

@@ -47,8 +47,9 @@ PYBIND11_MODULE(_C, m) {
                               const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits,
                               bool transpose) {
     metalq::check_affine_qmm("affine_qmm", x, w, scales, biases, group_size, bits, transpose);
+    const auto operands = metalq::qmm_operands(x, w, scales, biases);
     py::list plans;
-    for (const auto& plan : metalq::plan_affine_qmm(x, w, scales, biases, out, group_size, bits, transpose))
+    for (const auto& plan : metalq::plan_affine_qmm(operands, out, group_size, bits, transpose))
       plans.append(plan_to_python(plan));
     return plans;
   });

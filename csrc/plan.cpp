@@ -48,41 +48,49 @@ DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<Bu
                       {}};
 }
 
-uint32_t ceil_div(int64_t a, int64_t b) {
-  const int64_t q = (a + b - 1) / b;
-  TORCH_INTERNAL_ASSERT(q >= 0 && q <= UINT32_MAX, "grid too large: ", q, " threadgroups on one axis");
-  return uint32_t(q);
+// Threadgroups along one grid axis.
+uint32_t grid_axis(int64_t n) {
+  TORCH_INTERNAL_ASSERT(n >= 0 && n <= UINT32_MAX, "grid too large: ", n, " threadgroups on one axis");
+  return uint32_t(n);
 }
 
-// Every small-M kernel (metal/qmv.h): w 0, scales 1, biases 2, x 3, y 4, QmvParams 5; 64 threads.
-DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const at::Tensor& x, const at::Tensor& w,
-                     const at::Tensor& scales, const at::Tensor& biases, const at::Tensor& y, const QmvParams& p) {
+uint32_t ceil_div(int64_t a, int64_t b) { return grid_axis((a + b - 1) / b); }
+
+// Every matmul kernel binds w 0, scales 1, biases 2, x 3, y 4, its shape parameters 5, BatchParams 6.
+template <class Params>
+DispatchPlan matmul(std::string kernel, std::array<uint32_t, 3> grid, std::array<uint32_t, 3> threads,
+                    const QmmOperands& ops, const at::Tensor& y, const Params& p) {
   return DispatchPlan{std::move(kernel),
                       grid,
-                      {32, uint32_t(kQmvSimdgroups), 1},
-                      {{0, w}, {1, scales}, {2, biases}, {3, x}, {4, y}},
-                      {bytes_binding(5, p)},
+                      threads,
+                      {{0, ops.w}, {1, ops.scales}, {2, ops.biases}, {3, ops.x}, {4, y}},
+                      {bytes_binding(5, p), bytes_binding(6, ops.batch)},
                       {}};
 }
 
-// x @ W.T for M <= kQmvWideMaxRows (and, until the GEMM branch takes them, every larger M).
-DispatchPlan plan_qmv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& biases,
-                      const at::Tensor& out, int64_t group_size, int64_t bits) {
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
-  const at::ScalarType type = x.scalar_type();
+// Every small-M kernel (metal/qmv.h): 64 threads, grid z = the batch (times split-K partitions).
+DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const QmmOperands& ops, const at::Tensor& y,
+                     const QmvParams& p) {
+  return matmul(std::move(kernel), grid, {32, uint32_t(kQmvSimdgroups), 1}, ops, y, p);
+}
+
+// x @ W.T for M < kQmmMinRows.
+DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size, int64_t bits) {
+  const int64_t M = ops.M, K = ops.x.size(-1);
+  const at::ScalarType type = ops.x.scalar_type();
   const uint32_t row_tiles = ceil_div(N, kQmvSimdgroups * kQmvRowsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   // Several rows of x: decode each weight once for up to kQmvWideVectors of them.
-  if (M >= 2 && M <= kQmvWideMaxRows) {
+  if (M >= 2) {
     const uint32_t tiles = ceil_div(M, kQmvWideVectors);
     p.rows_per_tg = ceil_div(M, tiles);
-    return small_m(kernel_name("qmv_wide", type, group_size, bits), {ceil_div(M, p.rows_per_tg), row_tiles, 1}, x,
-                   w, scales, biases, out, p);
+    return small_m(kernel_name("qmv_wide", type, group_size, bits),
+                   {ceil_div(M, p.rows_per_tg), row_tiles, ops.batch.count}, ops, out, p);
   }
   // One row of x: the unguarded kernel when whole threadgroups and whole K steps fit.
   const bool aligned = N % (kQmvSimdgroups * kQmvRowsPerSimdgroup) == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
-  return small_m(kernel_name(aligned ? "qmv_fast" : "qmv", type, group_size, bits), {uint32_t(M), row_tiles, 1}, x,
-                 w, scales, biases, out, p);
+  return small_m(kernel_name(aligned ? "qmv_fast" : "qmv", type, group_size, bits), {1, row_tiles, ops.batch.count},
+                 ops, out, p);
 }
 
 // out = the sum of the float partials [parts, M, N] over parts, rounded once to out's dtype.
@@ -98,35 +106,34 @@ DispatchPlan split_k_reduce(const at::Tensor& partials, const at::Tensor& out) {
 }
 
 // x @ W for small M: qvm, or for long K qvm_split_k into float partials plus split_k_reduce.
-std::vector<DispatchPlan> plan_qvm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                                   const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits) {
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
-  const at::ScalarType type = x.scalar_type();
+std::vector<DispatchPlan> plan_qvm(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size,
+                                   int64_t bits) {
+  const int64_t M = ops.M, K = ops.x.size(-1), count = ops.batch.count;
+  const at::ScalarType type = ops.x.scalar_type();
   const uint32_t col_tiles = ceil_div(N, kQmvSimdgroups * kQvmColumnsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   if (K < kQvmSplitKMinK || M > kQvmSplitKMaxRows) {
-    return {small_m(kernel_name("qvm", type, group_size, bits), {uint32_t(M), col_tiles, 1}, x, w, scales, biases,
-                    out, p)};
+    return {small_m(kernel_name("qvm", type, group_size, bits), {uint32_t(M), col_tiles, grid_axis(count)}, ops, out,
+                    p)};
   }
   const int64_t parts = K > kQvmSplitKLongK ? kQvmSplitKPartsLongK : kQvmSplitKParts;
   p.k_chunk = ceil_div(ceil_div(K, parts), 32) * 32;  // whole lane strides per partition
   const uint32_t used = ceil_div(K, p.k_chunk);
-  at::Tensor partials = at::empty({int64_t(used), M, N}, out.options().dtype(at::kFloat));
+  at::Tensor partials = at::empty({int64_t(used), count, M, N}, out.options().dtype(at::kFloat));
   std::vector<DispatchPlan> plans;
-  plans.push_back(small_m(kernel_name("qvm_split_k", type, group_size, bits), {uint32_t(M), col_tiles, used}, x, w,
-                          scales, biases, partials, p));
+  plans.push_back(small_m(kernel_name("qvm_split_k", type, group_size, bits),
+                          {uint32_t(M), col_tiles, grid_axis(used * count)}, ops, partials, p));
   plans.push_back(split_k_reduce(partials, out));
   return plans;
 }
 
 // x @ W.T or x @ W for M >= kQmmMinRows: the tiled GEMM (metal/qmm.h), one 32x32 tile of y per
 // threadgroup. When y has too few tiles to fill the GPU and K is long, grid z splits K into
-// partitions writing float partials [partitions, M, N], which split_k_reduce sums into out.
-std::vector<DispatchPlan> plan_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                                   const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits,
-                                   bool transpose) {
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
-  const int64_t tiles = int64_t(ceil_div(N, kQmmBN)) * ceil_div(M, kQmmBM);
+// partitions writing float partials [partitions, count, M, N], which split_k_reduce sums into out.
+std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size,
+                                   int64_t bits, bool transpose) {
+  const int64_t M = ops.M, K = ops.x.size(-1), count = ops.batch.count;
+  const int64_t tiles = int64_t(ceil_div(N, kQmmBN)) * ceil_div(M, kQmmBM) * count;
   int64_t parts = std::min<int64_t>(kQmmSplitKTargetThreadgroups / tiles, K / kQmmSplitKMinPartitionK);
   int64_t k_per_split = K;
   if (parts >= 2) {
@@ -137,13 +144,10 @@ std::vector<DispatchPlan> plan_qmm(const at::Tensor& x, const at::Tensor& w, con
   }
   const QmmParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(k_per_split)};
   const std::string kernel = std::string(transpose ? "qmm_t" : "qmm_n") + (parts > 1 ? "_splitk" : "");
-  const at::Tensor y = parts > 1 ? at::empty({parts, M, N}, out.options().dtype(at::kFloat)) : out;
-  std::vector<DispatchPlan> plans{DispatchPlan{kernel_name(kernel, x.scalar_type(), group_size, bits),
-                                               {ceil_div(N, kQmmBN), ceil_div(M, kQmmBM), uint32_t(parts)},
-                                               {uint32_t(kQmmThreads), 1, 1},
-                                               {{0, w}, {1, scales}, {2, biases}, {3, x}, {4, y}},
-                                               {bytes_binding(5, p)},
-                                               {}}};
+  const at::Tensor y = parts > 1 ? at::empty({parts, count, M, N}, out.options().dtype(at::kFloat)) : out;
+  std::vector<DispatchPlan> plans{matmul(kernel_name(kernel, ops.x.scalar_type(), group_size, bits),
+                                         {ceil_div(N, kQmmBN), ceil_div(M, kQmmBM), grid_axis(parts * count)},
+                                         {uint32_t(kQmmThreads), 1, 1}, ops, y, p)};
   if (parts > 1) {
     plans.push_back(split_k_reduce(y, out));
   }
@@ -169,26 +173,124 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
                      uint64_t(wq.numel() * 4 / pack_unit_bytes(int(bits))), {{0, wq}, {1, scales}, {2, biases}, {3, out}});
 }
 
+namespace {
+
+// t with every dimension in `dims` that it broadcasts by stride 0 cut to size 1, so that contiguous()
+// keeps a single copy of a broadcast operand.
+at::Tensor unbroadcast(const at::Tensor& t, const std::vector<bool>& dims) {
+  at::Tensor out = t;
+  for (size_t d = 0; d < dims.size(); ++d) {
+    if (dims[d]) out = out.narrow(int64_t(d), 0, 1);
+  }
+  return out.contiguous();
+}
+
+std::vector<bool> broadcast_dims(const at::Tensor& t, int64_t batch_dims) {
+  std::vector<bool> dims(batch_dims);
+  for (int64_t d = 0; d < batch_dims; ++d) dims[d] = t.stride(d) == 0 && t.size(d) > 1;
+  return dims;
+}
+
+// One batch dimension of y: its size and the strides, in matrices, of x and of w along it.
+struct BatchDim {
+  int64_t size, x_stride, w_stride;
+};
+
+// Strides in matrices of a contiguous operand with batch sizes `sizes`, right-aligned to `rank`
+// dimensions; 0 where it has size 1 (broadcast) or lacks the dimension.
+std::vector<int64_t> matrix_strides(at::IntArrayRef sizes, size_t rank) {
+  std::vector<int64_t> strides(rank, 0);
+  int64_t stride = 1;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t size = sizes[sizes.size() - 1 - i];
+    strides[rank - 1 - i] = size == 1 ? 0 : stride;
+    stride *= size;
+  }
+  return strides;
+}
+
+}  // namespace
+
+QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const at::Tensor& biases) {
+  QmmOperands ops{};
+  ops.batch.count = 1;
+  const int64_t K = x.size(-1);
+  if (w.dim() == 2) {
+    ops.x = x.reshape({-1, K}).contiguous();
+    ops.M = ops.x.size(0);
+    ops.w = w.contiguous(), ops.scales = scales.contiguous(), ops.biases = biases.contiguous();
+    return ops;
+  }
+  const at::Tensor xm = x.dim() == 1 ? x.unsqueeze(0) : x;
+  ops.x = unbroadcast(xm, broadcast_dims(xm, xm.dim() - 2));
+  ops.M = ops.x.size(-2);
+  // w, scales and biases share one batch shape; one copy where all three broadcast.
+  auto w_dims = broadcast_dims(w, w.dim() - 2);
+  const auto s_dims = broadcast_dims(scales, w.dim() - 2), b_dims = broadcast_dims(biases, w.dim() - 2);
+  for (size_t d = 0; d < w_dims.size(); ++d) w_dims[d] = w_dims[d] && s_dims[d] && b_dims[d];
+  ops.w = unbroadcast(w, w_dims), ops.scales = unbroadcast(scales, w_dims), ops.biases = unbroadcast(biases, w_dims);
+
+  // Sizes from the operands as given, strides from the single copies bound.
+  const auto x_batch = xm.sizes().slice(0, xm.dim() - 2), w_batch = w.sizes().slice(0, w.dim() - 2);
+  const size_t rank = std::max(x_batch.size(), w_batch.size());
+  const auto x_strides = matrix_strides(ops.x.sizes().slice(0, x_batch.size()), rank);
+  const auto w_strides = matrix_strides(ops.w.sizes().slice(0, w_batch.size()), rank);
+  // y's batch dimensions outer to inner, without size-1 ones, merged where neither operand jumps.
+  std::vector<BatchDim> dims;
+  for (size_t d = 0; d < rank; ++d) {
+    const int64_t xs = d + x_batch.size() >= rank ? x_batch[d + x_batch.size() - rank] : 1;
+    const int64_t ws = d + w_batch.size() >= rank ? w_batch[d + w_batch.size() - rank] : 1;
+    const BatchDim dim{std::max(xs, ws) * (xs != 0 && ws != 0), x_strides[d], w_strides[d]};
+    if (dim.size == 1) continue;
+    if (!dims.empty() && dims.back().x_stride == dim.x_stride * dim.size &&
+        dims.back().w_stride == dim.w_stride * dim.size) {
+      dims.back() = BatchDim{dims.back().size * dim.size, dim.x_stride, dim.w_stride};
+    } else {
+      dims.push_back(dim);
+    }
+  }
+  // Innermost items sharing one w whose x matrices follow each other are rows of one taller x.
+  if (!dims.empty() && dims.back().w_stride == 0 && dims.back().x_stride == 1) {
+    const int64_t rows = dims.back().size;
+    ops.M *= rows;
+    dims.pop_back();
+    for (BatchDim& dim : dims) dim.x_stride /= rows;
+  }
+  TORCH_INTERNAL_ASSERT(dims.size() <= size_t(kMaxBatchDims), "checks bound the batch rank");
+  int64_t count = 1;
+  ops.batch.ndim = uint32_t(dims.size());
+  for (size_t d = 0; d < dims.size(); ++d) {
+    ops.batch.shape[d] = uint32_t(dims[d].size);
+    ops.batch.x_stride[d] = uint32_t(dims[d].x_stride);
+    ops.batch.w_stride[d] = uint32_t(dims[d].w_stride);
+    count *= dims[d].size;
+  }
+  TORCH_INTERNAL_ASSERT(count <= UINT32_MAX, "checks bound the batch count");
+  ops.batch.count = uint32_t(count);
+  return ops;
+}
+
 // The decision tree for every quantized matmul, on the shape alone:
-//   x @ W.T: M in [2, kQmvWideMaxRows] -> qmv_wide; else qmv_fast when N % 8 == 0 and K fills whole
+//   x @ W.T: M in [2, kQmmMinRows) -> qmv_wide; else qmv_fast when N % 8 == 0 and K fills whole
 //            qmv_fast steps, else qmv (any N, any K);
 //   x @ W:   K >= kQvmSplitKMinK and M <= kQvmSplitKMaxRows -> qvm_split_k + split_k_reduce; else qvm.
 // Either orientation, M >= kQmmMinRows: the tiled GEMM qmm_t / qmm_n, or when y has few 32x32
-// tiles and K is long, qmm_{t,n}_splitk + split_k_reduce.
-std::vector<DispatchPlan> plan_affine_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                                          const at::Tensor& biases, const at::Tensor& out, int64_t group_size,
+// tiles and K is long, qmm_{t,n}_splitk + split_k_reduce. Every kernel walks the batch on grid z.
+std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose) {
-  TORCH_INTERNAL_ASSERT(x.dim() == 2 && out.dim() == 2 && x.is_contiguous() && out.is_contiguous());
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == int64_t(ops.batch.count) * ops.M * out.size(-1));
   if (out.numel() == 0) {
     return {};
   }
-  if (x.size(0) >= kQmmMinRows) {
-    return plan_qmm(x, w, scales, biases, out, group_size, bits, transpose);
+  const int64_t N = out.size(-1);
+  if (ops.M >= kQmmMinRows) {
+    return plan_qmm(ops, out, N, group_size, bits, transpose);
   }
   if (transpose) {
-    return {plan_qmv(x, w, scales, biases, out, group_size, bits)};
+    return {plan_qmv(ops, out, N, group_size, bits)};
   }
-  return plan_qvm(x, w, scales, biases, out, group_size, bits);
+  return plan_qvm(ops, out, N, group_size, bits);
 }
 
 }  // namespace metalq

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "params.h"
+
 namespace metalq {
 
 // setBuffer(tensor's storage, its byte offset, index). Tensors are contiguous.
@@ -45,11 +47,24 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, const at::Tensor& wq, con
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                                     const at::Tensor& out, int64_t group_size, int64_t bits);
 
-// y = x @ dequant(w).T (transpose) or x @ dequant(w), for a 2-D contiguous x [M, K] and out [M, N]:
-// the dispatches in order (split-K adds a reduce). Temporaries are created here and held by the
-// plans' bindings. An empty output needs no dispatch.
-std::vector<DispatchPlan> plan_affine_qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                                          const at::Tensor& biases, const at::Tensor& out, int64_t group_size,
+// The operands of a quantized matmul as every backend addresses them: x [..., M, K] and w, scales,
+// biases [..., rows, cols] contiguous, each with its own batch shape (an input broadcast by stride 0
+// keeps one copy), and the walk from y's batch items to their matrices. A 2-D w folds every leading
+// dimension of x into M; so does a batch dimension w is broadcast over and x is not, when innermost.
+struct QmmOperands {
+  at::Tensor x, w, scales, biases;
+  int64_t M;
+  BatchParams batch;
+};
+
+// x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row).
+QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const at::Tensor& biases);
+
+// y = x @ dequant(w).T (transpose) or x @ dequant(w) into a contiguous out of the op's output shape
+// (batch.count matrices [M, N]): the dispatches in order (split-K adds a reduce). Temporaries are
+// created here and held by the plans' bindings. An empty output needs no dispatch.
+std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& operands, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose);
 
 }  // namespace metalq

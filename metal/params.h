@@ -4,9 +4,11 @@
 
 #ifdef __METAL__
 #define METALQ_CONST constant constexpr
+#define METALQ_CONSTANT_REF constant
 #else
 #include <cstdint>
 #define METALQ_CONST inline constexpr
+#define METALQ_CONSTANT_REF const
 #endif
 
 namespace metalq {
@@ -52,10 +54,9 @@ METALQ_CONST int kQmvRowsPerSimdgroup = 4;
 METALQ_CONST int kQmvSimdgroups = 2;
 // qmv_wide: lanes that split one row's groups; 32 / 8 = 4 rows per simdgroup, like qmv.
 METALQ_CONST int kQmvWideLanesPerRow = 8;
-// qmv_wide: x rows one threadgroup dots with each decoded group; more would spill registers.
+// qmv_wide: x rows one threadgroup dots with each decoded group; more would spill registers. It serves
+// M from 2 (decoding a group once for several rows beats per-row qmv) up to the GEMM's kQmmMinRows.
 METALQ_CONST int kQmvWideVectors = 4;
-// Largest M for qmv_wide; from M = 2 on, decoding a group once for several rows beats per-row qmv.
-METALQ_CONST int kQmvWideMaxRows = 8;
 // qvm: output columns per simdgroup, one decoded 32-value run of a K row per lane and step.
 METALQ_CONST int kQvmColumnsPerSimdgroup = 32;
 // qvm split-K from this K on: below it the M x N/64 grid already has enough work per threadgroup.
@@ -85,6 +86,43 @@ struct SplitKReduceParams {
   uint32_t pad;
 };
 static_assert(sizeof(SplitKReduceParams) == 16, "host and shader layouts must match");
+
+// ---- batches of matrices (every matmul kernel) ----------------------------------------------------
+
+// Batch dimensions a matmul addresses after the host merged every pair it could (csrc/plan.cpp).
+METALQ_CONST int kMaxBatchDims = 8;
+
+// setBytes argument (buffer 6) of every matmul kernel: y holds `count` matrices [M, N] in row-major
+// order over `shape`; batch item b reads x matrix and w matrix (with its scales and biases) at the
+// strides below, in whole matrices, 0 along a dimension that operand is broadcast over. An unbatched
+// call has count 1 and ndim 0.
+struct BatchParams {
+  uint32_t count;
+  uint32_t ndim;
+  uint32_t shape[kMaxBatchDims];
+  uint32_t x_stride[kMaxBatchDims];
+  uint32_t w_stride[kMaxBatchDims];
+};
+static_assert(sizeof(BatchParams) == 8 + 12 * kMaxBatchDims, "host and shader layouts must match");
+
+// The x and w matrices batch item b multiplies.
+struct BatchMatrices {
+  uint32_t x;
+  uint32_t w;
+};
+
+// One home for the batch walk, shared by the Metal kernels and the CPU op. A gather variant maps b
+// through its index buffers (x = lhs_indices[...], w = rhs_indices[...]) instead of these strides.
+inline BatchMatrices batch_matrices(METALQ_CONSTANT_REF BatchParams& batch, uint32_t b) {
+  BatchMatrices m{0, 0};
+  for (int d = int(batch.ndim) - 1; d >= 0; --d) {
+    const uint32_t i = b % batch.shape[d];
+    b /= batch.shape[d];
+    m.x += i * batch.x_stride[d];
+    m.w += i * batch.w_stride[d];
+  }
+  return m;
+}
 
 // ---- prefill GEMMs (metal/qmm.h): x @ W.T (qmm_t) and x @ W (qmm_n) ---------------------------
 

@@ -160,8 +160,8 @@ METAL_FUNC void affine_qmm_impl(
 
 // ---- kernels ------------------------------------------------------------------------------------
 
-// Grid (ceil(N/32), ceil(M/32), 1) of 128-thread threadgroups; threadgroup (tx, ty) writes
-// y[32*ty .. +32, 32*tx .. +32] over the whole K. E.g. M=33, N=64: 2x2 threadgroups, the second
+// Grid (ceil(N/32), ceil(M/32), batch count) of 128-thread threadgroups; threadgroup (tx, ty, z) writes
+// y[z][32*ty .. +32, 32*tx .. +32] over the whole K. E.g. M=33, N=64: 2x2 threadgroups, the second
 // row of tiles holding one valid row of y. Weights (buffer 0) are the bytes of MLX's uint32 words.
 template <typename T, int group_size, int bits, bool transpose>
 [[kernel]] void affine_qmm(
@@ -171,18 +171,21 @@ template <typename T, int group_size, int bits, bool transpose>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tile [[threadgroup_position_in_grid]],
     uint index [[thread_index_in_threadgroup]],
     uint simdgroup [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
+  metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
   metalq::affine_qmm_impl<T, group_size, bits, transpose, T>(
       w, scales, biases, x, y, params, 0, xs, ws, tile.xy, index, simdgroup, lane);
 }
 
-// Split-K: grid z = partitions; partition z reduces k in [z*k_per_split, (z+1)*k_per_split) and
-// writes its float partial tile to partials[z][M][N] (split_k_reduce in qmv.h sums them).
+// Split-K: grid z = partitions x batch count; slice z reduces partition p = z / count, k in
+// [p*k_per_split, (p+1)*k_per_split), of batch item z % count and writes its float partial tile to
+// partials[p][item][M][N] (split_k_reduce in qmv.h sums them).
 // E.g. M=33, N=64, K=1024 in 4 partitions: 2x2x4 threadgroups of 8 K steps each.
 template <typename T, int group_size, int bits, bool transpose>
 [[kernel]] void affine_qmm_splitk(
@@ -192,13 +195,16 @@ template <typename T, int group_size, int bits, bool transpose>
     const device T* x [[buffer(3)]],
     device float* partials [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tile [[threadgroup_position_in_grid]],
     uint index [[thread_index_in_threadgroup]],
     uint simdgroup [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
+  metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x,
+                                            partials);
   metalq::affine_qmm_impl<T, group_size, bits, transpose, float>(
-      w, scales, biases, x, partials + ulong(tile.z) * params.M * params.N, params, tile.z * params.k_per_split,
-      xs, ws, tile.xy, index, simdgroup, lane);
+      w, scales, biases, x, partials, params, (tile.z / batch.count) * params.k_per_split, xs, ws, tile.xy, index,
+      simdgroup, lane);
 }

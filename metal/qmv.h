@@ -190,8 +190,8 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const 
 }  // namespace metalq
 
 // ---- kernels ------------------------------------------------------------------------------------
-// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5. Threadgroups of
-// kQmvSimdgroups x 32 threads.
+// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5, BatchParams 6.
+// Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
 
 // Decode GEMV for aligned shapes (N % 8 == 0, K % (32 * qmv_fast_values(bits)) == 0). Grid
 // (M, N / 8): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s rows 8t + 4s .. +4. E.g.
@@ -204,9 +204,11 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int values = metalq::qmv_fast_values(bits);
   const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
   metalq::qmv_impl<T, group_size, bits, values, false>(w, scales, biases, x, y, params.N, params.K, tid.x,
@@ -223,9 +225,11 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int values = metalq::qmv_values(bits);
   const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
   metalq::qmv_impl<T, group_size, bits, values, true>(w, scales, biases, x, y, params.N, params.K, tid.x,
@@ -242,9 +246,11 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int lanes = metalq::kQmvWideLanesPerRow;
   const uint m0 = tid.x * params.rows_per_tg;
   const uint count = min(params.rows_per_tg, params.M - m0);
@@ -263,6 +269,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -270,12 +277,13 @@ template <typename T, int group_size, int bits>
   if (col0 >= params.N) {
     return;
   }
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   metalq::qvm_impl<T, T, group_size, bits>(w, scales, biases, x, y, params.N, params.K, tid.x, col0, 0,
                                            params.K, simd_lid);
 }
 
-// qvm over K partition tid.z (rows [z * k_chunk, min(K, (z+1) * k_chunk))), writing float partials
-// [partitions, M, N]; split_k_reduce sums them into y.
+// qvm over K partition p = tid.z / batch.count (rows [p * k_chunk, min(K, (p+1) * k_chunk))) of batch
+// item tid.z % batch.count, writing float partials [partitions, count, M, N]; split_k_reduce sums them.
 template <typename T, int group_size, int bits>
 [[kernel]] void affine_qvm_split_k(
     const device uint8_t* w [[buffer(0)]],
@@ -284,6 +292,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device float* partials [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -291,11 +300,12 @@ template <typename T, int group_size, int bits>
   if (col0 >= params.N) {
     return;
   }
-  const uint k_begin = tid.z * params.k_chunk;
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x,
+                                            partials);
+  const uint k_begin = (tid.z / batch.count) * params.k_chunk;
   const uint k_end = min(params.K, k_begin + params.k_chunk);
-  metalq::qvm_impl<T, float, group_size, bits>(w, scales, biases, x,
-                                               partials + ulong(tid.z) * params.M * params.N, params.N,
-                                               params.K, tid.x, col0, k_begin, k_end, simd_lid);
+  metalq::qvm_impl<T, float, group_size, bits>(w, scales, biases, x, partials, params.N, params.K, tid.x, col0,
+                                               k_begin, k_end, simd_lid);
 }
 
 // One thread per output element (grid as the element-wise kernels): sums its float partials in

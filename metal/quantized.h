@@ -127,6 +127,25 @@ METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T 
 // The flat index of this thread in a grid that may wrap into y (see ElementwiseParams).
 METAL_FUNC ulong work_item(uint2 position, uint2 grid) { return ulong(position.y) * grid.x + position.x; }
 
+// Every matmul kernel (qmv.h, qmm.h) starts here: points x, w, scales and biases at the matrices of
+// batch item z % batch.count and y at matrix z of y, for y = x[M, K] @ W.T with W [N, K] or x @ W with
+// W [K, N] (either way a matrix of W holds N * K values in N * K / group_size groups). Split-K
+// kernels number their grid slices z = partition * batch.count + item, so their float partials are
+// [partitions, count, M, N]. A gather variant changes only how batch_matrices finds the two matrices.
+template <int group_size, int bits, typename T, typename Out>
+METAL_FUNC void select_matrices(constant BatchParams& batch, uint z, uint M, uint N, uint K,
+                                const device uint8_t* thread& w, const device T* thread& scales,
+                                const device T* thread& biases, const device T* thread& x,
+                                device Out* thread& y) {
+  const BatchMatrices m = batch_matrices(batch, z % batch.count);
+  const ulong values = ulong(N) * K;
+  w += m.w * (values * bits / 8);
+  scales += m.w * (values / group_size);
+  biases += m.w * (values / group_size);
+  x += m.x * (ulong(M) * K);
+  y += z * (ulong(M) * N);
+}
+
 }  // namespace metalq
 
 // ---- kernels ------------------------------------------------------------------------------------

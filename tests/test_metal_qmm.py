@@ -106,7 +106,7 @@ def test_plan_geometry(M, N, K, transpose):
         assert tiles * parts <= 512 and k_per_split % 32 == 0 and k_per_split >= 256
         assert k_per_split * (parts - 1) < K <= k_per_split * parts
         partials = gemm["buffers"][4][1]
-        assert partials.dtype == torch.float32 and partials.shape == (parts, M, N)
+        assert partials.dtype == torch.float32 and partials.shape == (parts, 1, M, N)
         reduce = plans[1]
         assert reduce["kernel"] == "split_k_reduce_half"
         assert [b[1] is t for b, t in zip(reduce["buffers"], (partials, out))] == [True, True]

@@ -132,7 +132,7 @@ def test_split_k_partitions_cover_k():
     parts = split["threadgroups"][2]
     assert (M, N, K) == (2, 64, 9000) and k_chunk % 32 == 0 and (parts - 1) * k_chunk < K <= parts * k_chunk
     partials = dict(split["buffers"])[4]
-    assert partials.dtype == torch.float32 and partials.shape == (parts, 2, 64)
+    assert partials.dtype == torch.float32 and partials.shape == (parts, 1, 2, 64)
     assert dict(reduce["buffers"])[0] is not None and reduce["kernel"] == "split_k_reduce_half"
 
 

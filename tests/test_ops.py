@@ -244,6 +244,99 @@ def test_qmm_matches_mlx_quantized_matmul(op, bits, group_size, m_rows, one_thre
     assert (err <= bound).all(), f"max abs difference from MLX {err.max().item():.3g}"
 
 
+# ---- batches of weights: broadcasting against x ----------------------------------------------------
+
+# (x shape, w batch): batch dimensions on both sides, size-1 dimensions on either, x without batch.
+BATCH_PATTERNS = [((3, 5, 64), (3,)), ((2, 1, 4, 64), (3,)), ((1, 4, 64), (2, 3)), ((2, 1, 1, 64), (1, 3)),
+                  ((4, 64), (2,)), ((64,), (2, 1)), ((2, 3, 17, 64), (1, 1)), ((2, 0, 3, 64), (2, 1))]
+
+
+def batched_weight(batch, rows, cols, group_size, bits, dtype, seed=0):
+    wq, s, b = quantized_weight(int(torch.tensor(batch).prod()) * rows, cols, group_size, bits, dtype, seed)
+    return tuple(t.reshape(*batch, rows, -1) for t in (wq, s, b))
+
+
+def batched_reference(x, wq, s, b, group_size, bits, transpose):
+    """float64 y and |x| @ |W| with torch.matmul's broadcasting (a 1-D x as one row, dropped)."""
+    w64 = dense_weight(wq, s, b, group_size, bits, False)
+    w64 = w64.mT if transpose else w64
+    x64 = x.double().unsqueeze(-2) if x.dim() == 1 else x.double()
+    y, mag = x64 @ w64, x64.abs() @ w64.abs()
+    return (y.squeeze(-2), mag.squeeze(-2)) if x.dim() == 1 else (y, mag)
+
+
+@pytest.mark.parametrize("threads", (1, 2), ids=lambda t: f"threads{t}")
+@pytest.mark.parametrize("pattern", BATCH_PATTERNS, ids=lambda p: f"x{p[0]}-w{p[1]}")
+@pytest.mark.parametrize("op", TRANSPOSE)
+def test_batched_weights_match_float64(op, pattern, threads):
+    transpose = TRANSPOSE[op]
+    x_shape, w_batch = pattern
+    dtype = torch.bfloat16 if transpose else torch.float16
+    wq, s, b = batched_weight(w_batch, 24 if transpose else 64, 64 if transpose else 96, 32, 3, dtype)
+    x = random_x(x_shape, dtype)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = qmm(transpose)(x, wq, s, b, 32, 3)
+    finally:
+        torch.set_num_threads(prev)
+    ref, mag = batched_reference(x, wq, s, b, 32, 3, transpose)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert ((y.double() - ref).abs() <= TOL[dtype] * mag + 1e-30).all()
+
+
+def test_batched_weights_with_stride_zero_and_strided_views():
+    wq, s, b = batched_weight((1,), 40, 128, 64, 4, torch.float32)
+    expanded = [t.expand(3, *t.shape[1:]) for t in (wq, s, b)]
+    x = random_x((3, 1, 7, 256), torch.float32)[..., ::2].expand(3, 3, 7, 128)[:, :, ::2]
+    y = metalq.affine_qmm_t(x, *expanded, 64, 4)
+    ref, mag = batched_reference(x, *expanded, 64, 4, True)
+    assert y.shape == (3, 3, 4, 40) and ((y.double() - ref).abs() <= TOL[torch.float32] * mag).all()
+
+
+@pytest.mark.parametrize("pattern", [((3, 5, 128), (3,)), ((2, 1, 4, 128), (3,)), ((1, 2, 128), (2, 2)),
+                                     ((2, 1, 1, 128), (1, 3))], ids=lambda p: f"x{p[0]}-w{p[1]}")
+@pytest.mark.parametrize("op", TRANSPOSE)
+def test_batched_weights_match_mlx(op, pattern):
+    """MLX broadcasts batches when x has more than 2 dimensions (a 2-D x, MLX multiplies by the first
+    matrix only: metalq broadcasts it like a size-1 batch instead, covered by the float64 test)."""
+    mx = require_mlx()
+    import numpy as np
+
+    transpose = TRANSPOSE[op]
+    x_shape, w_batch = pattern
+    rows, cols = (48, 128) if transpose else (128, 64)
+    w = (torch.randn(*w_batch, rows, cols, generator=torch.Generator().manual_seed(5)) / cols**0.5).numpy()
+    mwq, ms, mb = mx.quantize(mx.array(w), group_size=64, bits=4)
+    x = random_x(x_shape, torch.float32)
+    ref = np.array(mx.quantized_matmul(mx.array(x.numpy()), mwq, ms, mb, transpose=transpose, group_size=64, bits=4))
+    wq, s, b = (torch.from_numpy(np.array(a)) for a in (mwq, ms, mb))
+    y = qmm(transpose)(x, wq, s, b, 64, 4)
+    _, mag = batched_reference(x, wq, s, b, 64, 4, transpose)
+    assert y.shape == ref.shape
+    assert ((y.double() - torch.from_numpy(ref).double()).abs() <= TOL[torch.float32] * mag).all()
+
+
+@pytest.mark.parametrize("pattern", [((3, 5, 64), (3,)), ((2, 1, 4, 64), (3,)), ((4, 64), (2,)), ((64,), (2, 1))],
+                         ids=lambda p: f"x{p[0]}-w{p[1]}")
+@pytest.mark.parametrize("op", TRANSPOSE)
+def test_batched_grad_x_sums_over_broadcast(op, pattern):
+    transpose = TRANSPOSE[op]
+    x_shape, w_batch = pattern
+    wq, s, b = batched_weight(w_batch, 24 if transpose else 64, 64 if transpose else 96, 32, 4, torch.float32)
+    x = random_x(x_shape, torch.float32).requires_grad_()
+    y = qmm(transpose)(x, wq, s, b, 32, 4)
+    grad_out = random_x(y.shape, torch.float32, seed=7)
+    y.backward(grad_out)
+    x64 = x.detach().double().requires_grad_()
+    w64 = dense_weight(wq, s, b, 32, 4, False)
+    ref = (x64 @ (w64.mT if transpose else w64)) if x.dim() > 1 else \
+        (x64.unsqueeze(-2) @ (w64.mT if transpose else w64)).squeeze(-2)
+    ref.backward(grad_out.double())
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
 # ---- torch.library integration ------------------------------------------------------------------
 
 def opcheck_cases():
@@ -257,6 +350,12 @@ def opcheck_cases():
         "affine_qmm_t_batched": (ops.affine_qmm_t.default, (random_x((2, 3, 64), torch.float32).requires_grad_(), wq, s, b, 32, 3)),
         "affine_qmm_t_f16": (ops.affine_qmm_t.default, (x.half().requires_grad_(), wq, s.half(), b.half(), 32, 3)),
         "affine_qmm_n": (ops.affine_qmm_n.default, (x.clone().requires_grad_(), wq_n, s_n, b_n, 32, 3)),
+        "affine_qmm_t_batched_w": (ops.affine_qmm_t.default,
+                                   (random_x((2, 1, 5, 64), torch.float32).requires_grad_(),
+                                    *(t.reshape(3, 8, -1) for t in (wq, s, b)), 32, 3)),
+        "affine_qmm_n_batched_w_1d_x": (ops.affine_qmm_n.default,
+                                        (random_x((32,), torch.float32).requires_grad_(),
+                                         *(t.reshape(2, 32, -1) for t in (wq_n, s_n, b_n)), 32, 3)),
         "pack": (ops.pack.default, (torch.randint(0, 32, (3, 64), dtype=torch.uint8), 5)),
         "unpack": (ops.unpack.default, (wq, 3)),
     }
@@ -401,10 +500,24 @@ BAD_INPUTS = {
                                 r"scales and biases must have shape \(24, 1\)"),
     "qmm_t_biases_shape_differs": (ops.affine_qmm_t, lambda d: qmm_args(d, b_shape=(24, 2)), ValueError,
                                    "scales and biases must have the same shape"),
-    "qmm_t_w_not_2d": (ops.affine_qmm_t, lambda d: qmm_args(d, w_shape=(2, 24, 8)), ValueError, "w must be 2-D"),
-    "qmm_n_w_not_2d": (ops.affine_qmm_n, lambda d: qmm_args(d, False, w_shape=(24,)), ValueError, "w must be 2-D"),
-    "qmm_t_scales_not_2d": (ops.affine_qmm_t, lambda d: qmm_args(d, s_shape=(1, 24, 1)), ValueError,
-                            "scales and biases must be 2-D"),
+    "qmm_t_scales_without_w_batch": (ops.affine_qmm_t, lambda d: qmm_args(d, w_shape=(2, 24, 8)), ValueError,
+                                     r"Weight and scales should have the same batch shape. Received weight with "
+                                     r"shape \(2, 24, 8\), scales with \(24, 1\)"),
+    "qmm_n_w_1d": (ops.affine_qmm_n, lambda d: qmm_args(d, False, w_shape=(24,)), ValueError,
+                   "w must have at least 2 dimensions"),
+    "qmm_t_scales_extra_batch": (ops.affine_qmm_t, lambda d: qmm_args(d, s_shape=(1, 24, 1)), ValueError,
+                                 "Weight and scales should have the same batch shape"),
+    "qmm_t_scales_other_batch": (ops.affine_qmm_t, lambda d: qmm_args(d, w_shape=(2, 24, 8), s_shape=(3, 24, 1)),
+                                 ValueError, "Weight and scales should have the same batch shape"),
+    "qmm_t_batches_do_not_broadcast": (ops.affine_qmm_t,
+                                       lambda d: (torch.zeros(4, 3, 5, 64, device=d),) + qmm_args(
+                                           d, w_shape=(2, 1, 24, 8), s_shape=(2, 1, 24, 1))[1:],
+                                       ValueError, r"the batch shape of x with shape \(4, 3\) and the batch shape of w with shape "
+                                       r"\(2, 1\) cannot be broadcast together"),
+    "qmm_t_too_many_batch_dims": (ops.affine_qmm_t,
+                                  lambda d: (torch.zeros((1,) * 10 + (64,), device=d),) + qmm_args(
+                                      d, w_shape=(1, 24, 8), s_shape=(1, 24, 1))[1:],
+                                  ValueError, "at most 8 batch dimensions are supported"),
     "qmm_t_x_0d": (ops.affine_qmm_t, lambda d: (torch.zeros((), device=d),) + qmm_args(d)[1:], ValueError,
                    "x must have at least 1 dimension"),
     "qmm_t_words_not_whole_values": (ops.affine_qmm_t, lambda d: qmm_args(d, w_shape=(24, 4))[:4] + (64, 3),

@@ -4,11 +4,13 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "../checks.h"
+#include "../plan.h"
 #include "kernels.h"
 #include "params.h"
 
@@ -319,13 +321,32 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
   const int64_t K = shape.K.expect_int(), N = shape.N.expect_int();
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  if (x.numel() == 0) return at::zeros(out_sizes, x.options());
-  auto wc = w.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
-  auto x2 = x.reshape({-1, K});
-  const std::vector<RowBlock> all_rows{{packed_matrix(wc, sc, bc, group_size, bits), 0, x2.size(0)}};
-  const auto y = transpose ? blocks_qmm_t(all_rows, x2, int(bits)) : blocks_qmm_n(all_rows, x2);
+  const auto out_sizes = C10_AS_INTARRAYREF_SLOW(shape.out_sizes);
+  if (c10::multiply_integers(out_sizes) == 0 || K == 0) return at::zeros(out_sizes, x.options());
+  const QmmOperands ops = qmm_operands(x, w, scales, biases);
+  const int64_t M = ops.M, count = ops.batch.count;
+  const int64_t rows = ops.w.size(-2);
+  const at::Tensor ws = ops.w.view({-1, rows, ops.w.size(-1)});
+  const at::Tensor ss = ops.scales.view({-1, rows, ops.scales.size(-1)});
+  const at::Tensor bs = ops.biases.view({-1, rows, ops.biases.size(-1)});
+  // One row block per run of batch items that share a matrix of w (all of them for a 2-D w), so the
+  // whole batch is one parallel region and each matrix of w is decoded once per run.
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> x_matrices(count);
+  bool x_in_order = true;
+  for (int64_t b = 0; b < count; ++b) {
+    const BatchMatrices m = batch_matrices(ops.batch, uint32_t(b));
+    x_matrices[b] = m.x;
+    x_in_order = x_in_order && m.x == b;
+    if (b == 0 || m.w != batch_matrices(ops.batch, uint32_t(b - 1)).w) {
+      blocks.push_back({packed_matrix(ws[m.w], ss[m.w], bs[m.w], group_size, bits), b * M, 0});
+    }
+    blocks.back().rows += M;
+  }
+  // x as the rows of y in order: a copy only where a batch dimension broadcasts x.
+  const at::Tensor x_rows = x_in_order ? ops.x.view({-1, K})
+                                       : ops.x.view({-1, M, K}).index_select(0, at::tensor(x_matrices)).view({-1, K});
+  const auto y = transpose ? blocks_qmm_t(blocks, x_rows, int(bits)) : blocks_qmm_n(blocks, x_rows);
   return y.to(x.scalar_type()).view(out_sizes);
 }
 

@@ -39,17 +39,13 @@ at::Tensor affine_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales,
 at::Tensor affine_qmm_mps(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
-  const int64_t K = shape.K.expect_int(), N = shape.N.expect_int();
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  auto x2 = x.reshape({-1, K}).contiguous();
-  auto wc = w.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
-  auto out = at::empty({x2.size(0), N}, x.options());
-  if (out.numel() == 0 || K == 0) return out.zero_().view(out_sizes);
-  for (const DispatchPlan& plan : plan_affine_qmm(x2, wc, sc, bc, out, group_size, bits, transpose)) {
+  auto out = at::empty_symint(shape.out_sizes, x.options());
+  if (out.numel() == 0 || shape.K == 0) return out.zero_();
+  const QmmOperands operands = qmm_operands(x, w, scales, biases);
+  for (const DispatchPlan& plan : plan_affine_qmm(operands, out, group_size, bits, transpose)) {
     mps::encode(plan);
   }
-  return out.view(out_sizes);
+  return out;
 }
 
 at::Tensor affine_qmm_t_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,

@@ -63,12 +63,16 @@ def affine_qmm_t(
 
     Args:
         x: ``(..., K)`` float32, float16 or bfloat16.
-        w: uint32 ``(N, K*bits/32)``, packed along K (the layout of ``nn.Linear.weight``).
-        scales, biases: ``(N, K/group_size)`` in ``x.dtype``.
+        w: uint32 ``(N, K*bits/32)``, packed along K (the layout of ``nn.Linear.weight``), or a batch of
+            such matrices ``(..., N, K*bits/32)``.
+        scales, biases: ``(..., N, K/group_size)`` in ``x.dtype``, with the batch shape of ``w``.
 
     Returns:
-        ``(..., N)`` in ``x.dtype``. Equivalent to
-        ``x @ affine_dequantize(w, scales, biases, group_size, bits).T``, accumulated in float32.
+        ``(..., N)`` in ``x.dtype`` for a 2-D ``w``. For a batch of weights, ``x`` is ``(..., M, K)`` and
+        the batch dimensions of ``x`` and ``w`` broadcast against each other like ``torch.matmul``'s:
+        ``(*broadcast(x_batch, w_batch), M, N)``; a 1-D ``x`` is one row, dropped from the output.
+        Equivalent to ``x @ affine_dequantize(w, scales, biases, group_size, bits).mT``, accumulated in
+        float32. (MLX multiplies a 2-D ``x`` by the first matrix of a batch only; metalq broadcasts.)
     """
     return _ops.affine_qmm_t(x, w, scales, biases, group_size, bits)
 
@@ -85,11 +89,12 @@ def affine_qmm_n(
 
     Args:
         x: ``(..., K)`` float32, float16 or bfloat16.
-        w: uint32 ``(K, N*bits/32)``, packed along N.
-        scales, biases: ``(K, N/group_size)`` in ``x.dtype``.
+        w: uint32 ``(K, N*bits/32)``, packed along N, or a batch ``(..., K, N*bits/32)``.
+        scales, biases: ``(..., K, N/group_size)`` in ``x.dtype``, with the batch shape of ``w``.
 
     Returns:
-        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+        ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
+        :func:`affine_qmm_t`.
     """
     return _ops.affine_qmm_n(x, w, scales, biases, group_size, bits)
 
@@ -148,9 +153,9 @@ def unpack(w: torch.Tensor, bits: int) -> torch.Tensor:
 # ---- autograd: gradients flow to x only; the packed weight, scales and biases are frozen ----------
 
 def _setup_qmm_context(ctx, inputs, output):
-    _, w, scales, biases, group_size, bits = inputs
+    x, w, scales, biases, group_size, bits = inputs
     ctx.save_for_backward(w, scales, biases)
-    ctx.group_size, ctx.bits = group_size, bits
+    ctx.group_size, ctx.bits, ctx.x_shape = group_size, bits, x.shape
 
 
 def _reject_weight_grads(ctx):
@@ -161,18 +166,25 @@ def _reject_weight_grads(ctx):
         )
 
 
+def _grad_x(ctx, grad, transposed_op):
+    """d/dx of a qmm: grad times the weight in the other orientation, summed over the batch
+    dimensions that broadcast x (a 1-D x with a batch of weights was one row)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    w, scales, biases = ctx.saved_tensors
+    if w.dim() > 2 and len(ctx.x_shape) == 1:
+        grad = grad.unsqueeze(-2)
+    return transposed_op(grad, w, scales, biases, ctx.group_size, ctx.bits).sum_to_size(ctx.x_shape)
+
+
 def _qmm_t_backward(ctx, grad):
     _reject_weight_grads(ctx)
-    w, scales, biases = ctx.saved_tensors
-    grad_x = _ops.affine_qmm_n(grad, w, scales, biases, ctx.group_size, ctx.bits) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, None, None, None
+    return _grad_x(ctx, grad, _ops.affine_qmm_n), None, None, None, None, None
 
 
 def _qmm_n_backward(ctx, grad):
     _reject_weight_grads(ctx)
-    w, scales, biases = ctx.saved_tensors
-    grad_x = _ops.affine_qmm_t(grad, w, scales, biases, ctx.group_size, ctx.bits) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, None, None, None
+    return _grad_x(ctx, grad, _ops.affine_qmm_t), None, None, None, None, None
 
 
 def _setup_gather_qmm_context(ctx, inputs, output):
