@@ -1,7 +1,7 @@
 """MetalLinear: an ``nn.Linear`` whose weight is stored MLX-affine-quantized, in transformers' Metal layout."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -10,18 +10,20 @@ from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, check_format
 from .ops import affine_dequantize, affine_qmm_t, affine_quantize
 
 
-def register_packed_buffers(module: nn.Module, owner: str, rows: int, cols: tuple[str, int], bits: int,
-                            group_size: int, dtype, device) -> None:
-    """Validates the format and gives ``module`` the frozen buffers of a packed ``rows x cols[1]`` matrix:
-    ``weight`` uint32 ``(rows, cols*bits/32)``, ``scales`` and ``qbiases`` ``(rows, cols/group_size)``, plus
-    ``module.bits`` and ``module.group_size``. ``cols`` is ``(argument name, value)`` for the error message."""
+def register_packed_buffers(module: nn.Module, owner: str, rows: Union[int, tuple[int, ...]], cols: tuple[str, int],
+                            bits: int, group_size: int, dtype, device) -> None:
+    """Validates the format and gives ``module`` the frozen buffers of packed ``rows x cols[1]`` matrices:
+    ``weight`` uint32 ``(*rows, cols*bits/32)``, ``scales`` and ``qbiases`` ``(*rows, cols/group_size)``, plus
+    ``module.bits`` and ``module.group_size``. ``rows`` is an int, or a shape for a stack of matrices;
+    ``cols`` is ``(argument name, value)`` for the error message."""
     check_format(owner, bits, group_size)
     name, n = cols
     if n % group_size:
         raise ValueError(f"{owner}: {name}={n} must be divisible by group_size={group_size}")
     module.bits, module.group_size = bits, group_size
-    groups = (rows, n // group_size)
-    module.register_buffer("weight", torch.zeros(rows, n * bits // 32, dtype=torch.uint32, device=device))
+    rows = (rows,) if isinstance(rows, int) else tuple(rows)
+    groups = (*rows, n // group_size)
+    module.register_buffer("weight", torch.zeros(*rows, n * bits // 32, dtype=torch.uint32, device=device))
     module.register_buffer("scales", torch.zeros(groups, dtype=dtype, device=device))
     module.register_buffer("qbiases", torch.zeros(groups, dtype=dtype, device=device))
 
