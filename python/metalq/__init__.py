@@ -19,6 +19,7 @@ from .checkpoint import convert_checkpoint, load_quantized, save_quantized
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
+from .moe import MetalExperts, MetalSwitchLinear
 from .quantize import dequantize_, quantize_, replace_with_metal_linear
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "MetalLinear",
     "MetalEmbedding",
     "MetalTiedHead",
+    "MetalSwitchLinear",
+    "MetalExperts",
     "quantize_",
     "dequantize_",
     "replace_with_metal_linear",

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
+from .moe import MetalExperts, MetalSwitchLinear, expert_projections
 
 # ``quantize_``'s config: one MetalConfig for every layer, a mapping from module name (or pattern, or
 # "_default") to a MetalConfig or None, or a callable ``(module, fqn) -> MetalConfig | None``.
@@ -42,22 +43,25 @@ def quantize_(
     *,
     embeddings: bool = False,
 ) -> None:
-    """Replace, in place, the ``nn.Linear`` layers of ``model`` by quantized :class:`MetalLinear` layers.
+    """Replace, in place, the ``nn.Linear`` layers of ``model`` by quantized :class:`MetalLinear` layers, and
+    transformers' fused mixture-of-experts modules (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``) by
+    :class:`metalq.MetalExperts`.
 
     Args:
-        model: any module; its Linear submodules are converted (a bare Linear cannot be replaced in
-            place: use :meth:`MetalLinear.from_linear`).
+        model: any module; its Linear and fused experts submodules are converted (a bare Linear cannot be
+            replaced in place: use :meth:`MetalLinear.from_linear`).
         config: a :class:`MetalConfig` for all layers; or per-layer overrides as a mapping from module name
             or pattern (matched like ``modules_to_not_convert``; first match wins, ``"_default"`` for the
             rest) to a MetalConfig or ``None`` (keep float); or a callable ``(module, fqn) -> MetalConfig | None``.
             Each config's ``modules_to_not_convert`` is honoured.
-        filter_fn: ``(module, fqn) -> bool``; only Linear layers for which it returns True are converted.
+        filter_fn: ``(module, fqn) -> bool``; only layers for which it returns True are converted.
         embeddings: also convert ``nn.Embedding`` layers to :class:`MetalEmbedding` (quantized along
             ``embedding_dim``), choosing their configs the same way, as mlx-lm does. A Linear that shares
             its weight with a converted embedding (a tied output head) becomes a :class:`MetalTiedHead`
             reading the quantized table, so the tie survives.
 
-    Layers whose ``in_features`` is not divisible by their ``group_size`` stay float, named in one warning.
+    Layers whose ``in_features`` (for experts: any projection's) is not divisible by their ``group_size`` stay
+    float, named in one warning. Routers of MoE blocks are not ``nn.Linear`` in transformers and stay float.
     On error nothing is replaced: every layer is quantized before the first one is swapped in.
 
     Example:
@@ -74,6 +78,8 @@ def quantize_(
         return chosen
 
     plan, misfits = _plan(model, _is_linear, choose, MetalLinear.from_linear, "quantize_")
+    experts_plan, experts_misfits = _plan(model, _is_float_experts, choose, MetalExperts.from_experts, "quantize_")
+    misfits += experts_misfits
     if embeddings:
         embedding_plan, embedding_misfits = _plan(
             model, _is_embedding, choose, MetalEmbedding.from_embedding, "quantize_"
@@ -86,7 +92,7 @@ def quantize_(
             for fqns, old, build in plan
         ] + embedding_plan
     _warn_misfits(misfits, "quantize_")
-    _swap(model, plan, "quantize_")
+    _swap(model, plan + experts_plan, "quantize_")
 
 
 def replace_with_metal_linear(
@@ -95,7 +101,8 @@ def replace_with_metal_linear(
     quantization_config: Union[MetalConfig, Mapping, None] = None,
     pre_quantized: bool = False,
 ) -> nn.Module:
-    """transformers' ``replace_with_metal_linear``: swap every ``nn.Linear`` not excluded for a MetalLinear.
+    """transformers' ``replace_with_metal_linear``: swap every ``nn.Linear`` not excluded for a MetalLinear (and
+    every fused experts module not excluded for a :class:`metalq.MetalExperts`).
 
     Args:
         model: the model, possibly on the meta device.
@@ -103,7 +110,7 @@ def replace_with_metal_linear(
         quantization_config: a :class:`MetalConfig` or its ``to_dict()`` form (default ``MetalConfig()``).
             With ``dequantize=True`` nothing is replaced.
         pre_quantized: True for layers ready to receive a Metal checkpoint (zero uint32 ``weight``,
-            ``scales``/``qbiases`` in the Linear's dtype, on the Linear's device, so ``meta`` stays ``meta``);
+            ``scales``/``qbiases`` in the layer's dtype, on the layer's device, so ``meta`` stays ``meta``);
             False to quantize the existing float weights.
 
     Returns:
@@ -126,17 +133,24 @@ def replace_with_metal_linear(
     def choose(module: nn.Linear, fqn: str) -> Optional[MetalConfig]:
         return None if _excluded(fqn, excluded) else quantization_config
 
-    make = _empty_metal_linear if pre_quantized else MetalLinear.from_linear
-    if not _convert_linears(model, choose, make, "replace_with_metal_linear"):
+    caller = "replace_with_metal_linear"
+    plan, misfits = _plan(model, _is_linear, choose, _empty_metal_linear if pre_quantized else MetalLinear.from_linear,
+                          caller)
+    experts_plan, experts_misfits = _plan(
+        model, _is_float_experts, choose, _empty_metal_experts if pre_quantized else MetalExperts.from_experts, caller
+    )
+    _warn_misfits(misfits + experts_misfits, caller)
+    _swap(model, plan + experts_plan, caller)
+    if not plan:
         warnings.warn("replace_with_metal_linear: no nn.Linear layer was converted", stacklevel=2)
     return model
 
 
 def dequantize_(model: nn.Module) -> None:
     """Replace, in place, every :class:`MetalLinear` of ``model`` by the float ``nn.Linear`` it encodes (and
-    every :class:`MetalEmbedding` by its ``nn.Embedding``; a :class:`MetalTiedHead` becomes an ``nn.Linear``
-    sharing the dequantized embedding's weight)."""
-    quantized = (MetalLinear, MetalEmbedding, MetalTiedHead)
+    every :class:`MetalEmbedding` by its ``nn.Embedding``, every :class:`metalq.MetalExperts` by its float experts
+    module; a :class:`MetalTiedHead` becomes an ``nn.Linear`` sharing the dequantized embedding's weight)."""
+    quantized = (MetalLinear, MetalEmbedding, MetalTiedHead, MetalExperts)
     targets = _find(model, lambda module, fqn: isinstance(module, quantized), "dequantize_")
     tables = {id(layer): _once(layer.dequantize) for _, layer in targets if isinstance(layer, MetalEmbedding)}
     plan = []
@@ -196,6 +210,18 @@ def _is_embedding(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Embedding)
 
 
+def _is_float_experts(module: nn.Module, fqn: str) -> bool:
+    return not isinstance(module, MetalExperts) and expert_projections(module) is not None
+
+
+def _input_features(layer: nn.Module) -> list[int]:
+    """The lengths that are cut into groups when ``layer`` is quantized."""
+    if isinstance(layer, nn.Embedding):
+        return [layer.embedding_dim]
+    shapes = expert_projections(layer)
+    return [columns for _, _, columns in shapes.values()] if shapes is not None else [layer.in_features]
+
+
 def _plan(model: nn.Module, predicate, choose, make, caller: str):
     """``(plan, misfits)``: ``(names, layer, build)`` for each layer passing ``predicate`` for which
     ``choose(module, fqn)`` gives a config, ``build() = make(layer, bits, group_size)``."""
@@ -204,9 +230,10 @@ def _plan(model: nn.Module, predicate, choose, make, caller: str):
         config = choose(layer, fqns[0])
         if config is None:
             continue
-        features = layer.embedding_dim if isinstance(layer, nn.Embedding) else layer.in_features
-        if features % config.group_size:
-            misfits.append(f"{fqns[0]} (in_features={features}, group_size={config.group_size})")
+        features = _input_features(layer)
+        if any(n % config.group_size for n in features):
+            shown = features[0] if len(features) == 1 else features
+            misfits.append(f"{fqns[0]} (in_features={shown}, group_size={config.group_size})")
             continue
         plan.append((fqns, layer, partial(make, layer, config.bits, config.group_size)))
     return plan, misfits
@@ -219,17 +246,6 @@ def _warn_misfits(misfits: list[str], caller: str) -> None:
             f"group_size: {', '.join(misfits)}",
             stacklevel=4,
         )
-
-
-def _convert_linears(model: nn.Module, choose, make, caller: str) -> int:
-    """Replace each Linear for which ``choose(module, fqn)`` gives a config by ``make(module, bits, group_size)``.
-
-    Returns the number of layers replaced.
-    """
-    plan, misfits = _plan(model, _is_linear, choose, make, caller)
-    _warn_misfits(misfits, caller)
-    _swap(model, plan, caller)
-    return len(plan)
 
 
 def _once(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -255,7 +271,7 @@ def _untied_linear(table: Callable[[], nn.Embedding], head: MetalTiedHead) -> nn
 def _swap(model: nn.Module, plan: list[tuple[list[str], nn.Module, Callable[[], nn.Module]]], caller: str) -> None:
     """Run each ``(names, old_layer, build)`` build first, then swap all results in: an error leaves ``model``
     untouched."""
-    total_weights = sum(old.weight.numel() for _, old, _ in plan if isinstance(old, (nn.Linear, nn.Embedding)))
+    total_weights = sum(param.numel() for _, old, _ in plan for param in old.parameters())
     builds = tqdm(plan, desc=caller, unit="layer", leave=False, disable=total_weights < _PROGRESS_MIN_WEIGHTS)
     built = [(fqns, build()) for fqns, _, build in builds]
     for fqns, new in built:
@@ -274,3 +290,15 @@ def _empty_metal_linear(linear: nn.Linear, bits: int, group_size: int) -> MetalL
         dtype=linear.weight.dtype,
         device=linear.weight.device,
     )
+
+
+def _empty_metal_experts(experts: nn.Module, bits: int, group_size: int) -> MetalExperts:
+    """A MetalExperts shell shaped like ``experts``, awaiting a pre-quantized checkpoint."""
+    projections = {}
+    for name, (count, rows, columns) in expert_projections(experts).items():
+        like = experts._parameters[name]
+        projections[name] = MetalSwitchLinear(
+            count, columns, rows, bias=getattr(experts, f"{name}_bias", None) is not None, bits=bits,
+            group_size=group_size, dtype=like.dtype, device=like.device,
+        )
+    return MetalExperts(experts, projections)

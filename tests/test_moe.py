@@ -1,0 +1,240 @@
+"""Mixture-of-experts: MetalSwitchLinear and transformers' fused experts on metalq.
+
+Oracles: float64 products of the dequantized expert matrices; ``mx.quantize`` for the packed stacks;
+transformers' own float experts forward.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import metalq
+import metalq.moe
+from conftest import require_mlx
+from metalq import MetalConfig, MetalExperts, MetalLinear, MetalSwitchLinear
+
+transformers = pytest.importorskip("transformers")
+from test_transformers import VOCAB  # noqa: E402
+
+
+# ---- MetalSwitchLinear ----------------------------------------------------------------------------------
+
+def float64_gather(x, layer, indices):
+    """``x[b] @ dequantize(weight[indices[b]]).T (+ bias)`` one batch element at a time, in float64."""
+    weights = layer.dequantize().double()
+    batch = torch.broadcast_shapes(x.shape[:-2], indices.shape)
+    xs = x.double().expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    ids = indices.expand(batch).reshape(-1)
+    rows = []
+    for b in range(ids.numel()):
+        y = xs[b] @ weights[ids[b]].T
+        rows.append(y if layer.bias is None else y + layer.bias[ids[b]].double())
+    return torch.stack(rows).reshape(*batch, x.shape[-2], layer.out_features)
+
+
+@pytest.mark.parametrize("bits,group_size,bias", [(4, 64, False), (3, 32, True), (8, 128, False)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_switch_linear_matches_float64_loop(bits, group_size, bias, rows):
+    torch.manual_seed(bits * rows)
+    weight = torch.randn(6, 40, 256)
+    layer = MetalSwitchLinear.from_float(weight, torch.randn(6, 40) if bias else None, bits=bits, group_size=group_size)
+    x = torch.randn(7, 1, rows, 256)
+    indices = torch.randint(0, 6, (7, 2))
+    y = layer(x, indices)
+    assert y.shape == (7, 2, rows, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), float64_gather(x, layer, indices), rtol=1e-5, atol=1e-4)
+    # the pairs grouped by expert, as MetalExperts and mlx-lm's SwitchGLU send them
+    order = indices.reshape(-1).argsort()
+    pairs = x.expand(7, 2, rows, 256).reshape(14, rows, 256)
+    grouped = layer(pairs[order], indices.reshape(-1)[order], sorted_indices=True)
+    assert torch.equal(grouped, y.reshape(14, rows, 40)[order])
+
+
+def test_switch_linear_packs_each_expert_like_mlx():
+    mx = require_mlx()
+    torch.manual_seed(1)
+    weight = torch.randn(4, 24, 128)
+    layer = MetalSwitchLinear.from_float(weight, bits=5, group_size=32)
+    wq, scales, biases = mx.quantize(mx.array(weight.numpy()), group_size=32, bits=5)
+    assert layer.weight.shape == (4, 24, 128 * 5 // 32) and layer.weight.dtype == torch.uint32
+    assert np.array_equal(np.array(wq.view(mx.int32)), layer.weight.view(torch.int32).numpy())
+    assert np.array_equal(np.array(scales), layer.scales.numpy())
+    assert np.array_equal(np.array(biases), layer.qbiases.numpy())
+    assert set(layer.state_dict()) == {"weight", "scales", "qbiases"}
+    assert repr(layer) == ("MetalSwitchLinear(num_experts=4, in_features=128, out_features=24, bias=False, bits=5, "
+                           "group_size=32)")
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: MetalSwitchLinear.from_float(torch.randn(24, 128)), r"weight must be \(num_experts, out_features"),
+        (lambda: MetalSwitchLinear.from_float(torch.randn(2, 24, 128), torch.randn(24)),
+         r"bias must have shape \(2, 24\)"),
+        (lambda: MetalSwitchLinear(2, 96, 8, group_size=64), "in_features=96 must be divisible by group_size=64"),
+        (lambda: MetalSwitchLinear(2, 64, 8, bits=7), "bits must be one of"),
+    ],
+    ids=["2-d", "bias-shape", "group-size-misfit", "bits"],
+)
+def test_switch_linear_rejects(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# ---- tiny transformers MoE models ----------------------------------------------------------------------
+
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, initializer_range=0.2, dtype="float32", bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)
+# expert counts and widths that fit group sizes 32 and 64; Qwen2-MoE adds a shared expert, Mixtral is the
+# block mlx-lm spells `block_sparse_moe`, OLMoE normalises q and k
+FAMILIES = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16,
+        norm_topk_prob=True,
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **COMMON, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=128, num_local_experts=4,
+                                                  num_experts_per_tok=2),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+}
+
+
+def build(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    for module in model.modules():  # random norms so that every tensor matters
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 1:
+            with torch.no_grad():
+                weight.copy_(torch.randn_like(weight) * 0.1 + 1.0)
+    return model
+
+
+def experts_paths(model):
+    return [name for name, module in model.named_modules() if metalq.moe.expert_projections(module) is not None]
+
+
+def with_dequantized_experts(float_model, quantized):
+    """``float_model`` with each experts module's matrices replaced by the quantized model's dequantized ones."""
+    reference = copy.deepcopy(float_model)
+    for name, module in quantized.named_modules():
+        if isinstance(module, MetalExperts):
+            experts = reference.get_submodule(name)
+            for projection, layer in module.projections():
+                experts._parameters[projection] = nn.Parameter(layer.dequantize())
+        elif isinstance(module, MetalLinear):
+            reference.get_submodule(name).weight = nn.Parameter(module.dequantize().weight)
+    return reference
+
+
+def assert_close_to_scale(actual, expected, relative):
+    """Elementwise agreement to ``relative`` times the largest expected magnitude (float32 rounding of logits)."""
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= relative * expected.abs().max().item(), error
+
+
+def token_batch(seed=0, tokens=40):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (2, tokens), generator=generator)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quantize_swaps_every_experts_module_and_matches_dequantized_reference(family):
+    model = build(family)
+    paths = experts_paths(model)
+    assert len(paths) == 2
+    reference_float = copy.deepcopy(model)
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=32))
+    for path in paths:
+        experts = model.get_submodule(path)
+        assert isinstance(experts, MetalExperts)
+        float_experts = reference_float.get_submodule(path)
+        for name, layer in experts.projections():
+            assert isinstance(layer, MetalSwitchLinear) and (layer.bits, layer.group_size) == (4, 32)
+            assert layer.dequantize().shape == float_experts._parameters[name].shape
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]  # no float expert matrix left
+    reference = with_dequantized_experts(reference_float, model)
+    ids = token_batch()
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = reference(ids).logits
+    assert_close_to_scale(logits, expected, 1e-5)
+    assert expected.std() > 0.5  # logits large enough for the tolerance to mean something
+
+
+def test_quantize_honours_skip_lists_and_per_layer_formats():
+    model = build("qwen3_moe")
+    config = {
+        "model.layers.0.mlp.experts": MetalConfig(bits=8, group_size=64),
+        "_default": MetalConfig(bits=3, group_size=32, modules_to_not_convert=["model.layers.1.mlp.experts"]),
+    }
+    metalq.quantize_(model, config)
+    first, second = (model.get_submodule(f"model.layers.{i}.mlp.experts") for i in range(2))
+    assert isinstance(first, MetalExperts) and all((l.bits, l.group_size) == (8, 64) for _, l in first.projections())
+    assert type(second) is transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts
+    assert isinstance(model.model.layers[1].self_attn.q_proj, MetalLinear)
+    # a filter sees the experts module too
+    model = build("qwen3_moe")
+    metalq.quantize_(model, MetalConfig(), filter_fn=lambda module, fqn: not fqn.endswith("experts"))
+    assert not any(isinstance(module, MetalExperts) for module in model.modules())
+
+
+def test_experts_whose_width_fits_no_group_size_stay_float():
+    config = FAMILIES["qwen3_moe"]()
+    config.moe_intermediate_size = 48  # down_proj's in_features: 48 % 32 != 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.experts \(in_features=\[64, 48\], group_size=32\)"):
+        metalq.quantize_(model, MetalConfig(bits=4, group_size=32))
+    assert not any(isinstance(module, MetalExperts) for module in model.modules())
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_grouped_and_ungrouped_routing_agree_with_transformers(family, monkeypatch):
+    model = build(family)
+    float_model = copy.deepcopy(model)
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
+    reference = with_dequantized_experts(float_model, model)
+    ids = token_batch(tokens=48)  # 96 token-expert pairs per batch row
+    outputs = {}
+    with torch.no_grad():
+        for name, threshold in (("grouped", 0), ("ungrouped", 10**9)):
+            monkeypatch.setattr(metalq.moe, "SORT_MIN_PAIRS", threshold)
+            outputs[name] = model(ids).logits
+        expected = reference(ids).logits
+    assert torch.equal(outputs["grouped"], outputs["ungrouped"])
+    assert_close_to_scale(outputs["grouped"], expected, 1e-5)
+
+
+def test_dequantize_restores_the_float_experts():
+    model = build("qwen2_moe")
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
+    restored = copy.deepcopy(model)
+    metalq.dequantize_(restored)
+    experts = restored.model.layers[0].mlp.experts
+    assert type(experts) is transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts
+    assert torch.equal(experts.down_proj, model.model.layers[0].mlp.experts.down_proj.dequantize())
+    ids = token_batch()
+    with torch.no_grad():
+        assert_close_to_scale(restored(ids).logits, model(ids).logits, 1e-5)
+
+
+def test_replace_pre_quantized_shells_take_a_metal_state_dict():
+    quantized = build("olmoe")
+    metalq.quantize_(quantized, MetalConfig(bits=4, group_size=64))
+    model = build("olmoe", seed=1)
+    metalq.replace_with_metal_linear(model, quantization_config=MetalConfig(bits=4, group_size=64), pre_quantized=True)
+    shells = [module for module in model.modules() if isinstance(module, MetalExperts)]
+    assert len(shells) == 2 and all(not layer.weight.any() for e in shells for _, layer in e.projections())
+    model.load_state_dict(quantized.state_dict())
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, quantized(ids).logits)
