@@ -1,9 +1,12 @@
-"""Mixture-of-experts: MetalSwitchLinear and transformers' fused experts on metalq.
+"""Mixture-of-experts: MetalSwitchLinear, transformers' fused experts on metalq, MoE checkpoints.
 
 Oracles: float64 products of the dequantized expert matrices; ``mx.quantize`` for the packed stacks;
-transformers' own float experts forward.
+transformers' own float experts forward; ``mlx_lm.convert`` / ``mlx_lm.load`` and mlx-lm's forward for
+mlx-lm checkpoints.
 """
 import copy
+import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -12,11 +15,12 @@ from torch import nn
 
 import metalq
 import metalq.moe
-from conftest import require_mlx
-from metalq import MetalConfig, MetalExperts, MetalLinear, MetalSwitchLinear
+from conftest import require, require_mlx
+from metalq import MetalConfig, MetalExperts, MetalLinear, MetalSwitchLinear, load_quantized, save_quantized
 
 transformers = pytest.importorskip("transformers")
-from test_transformers import VOCAB  # noqa: E402
+import metalq.transformers as mt  # noqa: E402
+from test_transformers import VOCAB, save_word_tokenizer  # noqa: E402
 
 
 # ---- MetalSwitchLinear ----------------------------------------------------------------------------------
@@ -225,6 +229,182 @@ def test_dequantize_restores_the_float_experts():
     ids = token_batch()
     with torch.no_grad():
         assert_close_to_scale(restored(ids).logits, model(ids).logits, 1e-5)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("layout", ["metal", "mlx"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_save_load_round_trip_bit_exact(tmp_path, family, layout):
+    model = build(family)
+    metalq.quantize_(model, {"model.layers.1.mlp.experts": MetalConfig(bits=8, group_size=64),
+                             "_default": MetalConfig(bits=4, group_size=32)} if layout == "mlx" else MetalConfig())
+    save_quantized(model, tmp_path / "out", format=layout)
+    with torch.device("meta"):
+        fresh = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]())
+    fresh = load_quantized(fresh, tmp_path / "out")
+    assert_same_state(model, fresh)
+    loaded = mt.from_pretrained(tmp_path / "out", device="cpu")
+    assert_same_state(model, loaded)
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_mlx_export_is_what_mlx_lm_loads(tmp_path):
+    """metalq's mlx layout: switch_mlp names, gate and up split, Mixtral's block spelled as mlx-lm does."""
+    require_mlx_lm()
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model = build("mixtral")
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
+    save_quantized(model, tmp_path / "out", format="mlx")
+    weights = mx.load(str(tmp_path / "out" / "model.safetensors"))
+    prefix = "model.layers.0.block_sparse_moe.switch_mlp"
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj
+    for leaf, ours in (("weight", gate_up.weight), ("scales", gate_up.scales), ("biases", gate_up.qbiases)):
+        halves = [torch.from_numpy(np.array(weights[f"{prefix}.{piece}.{leaf}"].view(mx.int32)
+                                            if leaf == "weight" else weights[f"{prefix}.{piece}.{leaf}"]))
+                  for piece in ("gate_proj", "up_proj")]
+        assert torch.equal(torch.cat(halves, dim=1), ours.view(torch.int32) if leaf == "weight" else ours)
+    assert not any(".mlp." in name for name in weights)
+    set_rope_theta_for_mlx_lm(tmp_path / "out")
+    reference, _ = load_model(tmp_path / "out")
+    ids = token_batch()[:1]
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    expected = torch.from_numpy(np.array(reference(mx.array(ids.numpy()))[0]))
+    assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+def _drop_up_scales(directory):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.mlp.switch_mlp.up_proj.scales"]
+    save_file(tensors, str(path), metadata={"format": "mlx"})
+
+
+def _split_gate_format(directory):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization"]["model.layers.0.mlp.switch_mlp.gate_proj"] = {"bits": 8, "group_size": 64}
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "breaker,match",
+    [
+        (_drop_up_scales, r"missing tensor 'model\.layers\.1\.mlp\.switch_mlp\.up_proj\.scales'"),
+        (_split_gate_format, r"gate_proj and .*up_proj have different formats.*experts\.gate_up_proj holds them"),
+    ],
+    ids=["missing-up-scales", "gate-up-formats-differ"],
+)
+def test_mlx_experts_errors_leave_model_untouched(tmp_path, breaker, match):
+    model = build("qwen3_moe")
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
+    save_quantized(model, tmp_path / "out", format="mlx")
+    breaker(tmp_path / "out")
+    target = build("qwen3_moe", seed=2)
+    modules, state = dict(target.named_modules()), copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=match):
+        load_quantized(target, tmp_path / "out")
+    assert dict(target.named_modules()) == modules
+    assert all(torch.equal(tensor, state[key]) for key, tensor in target.state_dict().items())
+
+
+def test_convert_refuses_moe_models(tmp_path):
+    build("qwen3_moe").save_pretrained(tmp_path / "float")
+    with pytest.raises(ValueError, match="convert does not handle mixture-of-experts models"):
+        metalq.convert_checkpoint(tmp_path / "float", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_with_config_asks_to_quantize_experts_first(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts holds float experts"):
+        save_quantized(build("olmoe"), tmp_path / "out", MetalConfig())
+    assert not (tmp_path / "out").exists()
+
+
+# ---- mlx_lm.convert outputs, against mlx-lm's own forward -----------------------------------------------
+
+def require_mlx_lm():
+    require_mlx()
+    require(importlib.util.find_spec("mlx_lm") is not None, "mlx-lm (pip install mlx-lm)")
+    import mlx_lm
+
+    return mlx_lm
+
+
+def set_rope_theta_for_mlx_lm(directory):
+    """mlx-lm 0.32 reads ``rope_theta`` and ``num_experts``; transformers 5 writes ``rope_parameters`` and, for
+    Qwen3-MoE, ``num_local_experts``: state the same values under mlx-lm's keys."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    if "num_local_experts" in config and config["model_type"] != "mixtral":
+        config.setdefault("num_experts", config["num_local_experts"])
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral"])
+def converted(request, tmp_path_factory):
+    """(family, an ``mlx_lm.convert`` 4-bit gs64 output of a random tiny model of that family)."""
+    mlx_lm = require_mlx_lm()
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    build(family, seed=7).save_pretrained(root / "float")
+    save_word_tokenizer(root / "float")
+    set_rope_theta_for_mlx_lm(root / "float")
+    mlx_lm.convert(str(root / "float"), str(root / "mlx"), quantize=True, q_bits=4, q_group_size=64)
+    return family, root / "mlx"
+
+
+def test_mlx_lm_convert_output_matches_mlx_lm(converted):
+    mx = require_mlx()
+    mlx_lm = require_mlx_lm()
+    family, directory = converted
+    quantization = json.loads((directory / "config.json").read_text())["quantization"]
+    model = mt.from_pretrained(directory, device="cpu")
+    experts = [model.get_submodule(path) for path in experts_paths(model)]
+    assert len(experts) == 2 and all(isinstance(e, MetalExperts) for e in experts)
+    assert all((l.bits, l.group_size) == (4, 64) for e in experts for _, l in e.projections())
+    # the router is quantized in the checkpoint (Qwen3-MoE: at 8 bits, an mlx-lm per-layer override); it is
+    # loaded as the float matrix it encodes
+    weights = mx.load(str(directory / "model.safetensors"))
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    router = {leaf: weights[f"model.layers.0.{block}.gate.{leaf}"] for leaf in ("weight", "scales", "biases")}
+    bits = quantization.get(f"model.layers.0.{block}.gate", {}).get("bits", 4)
+    assert bits == (8 if family == "qwen3_moe" else 4)
+    matrix = mx.dequantize(router["weight"], router["scales"], router["biases"], group_size=64, bits=bits)
+    assert np.array_equal(model.model.layers[0].mlp.gate.weight.detach().numpy(), np.array(matrix))
+
+    reference, _ = mlx_lm.load(str(directory))
+    prompt = token_batch(seed=3, tokens=40)[0].tolist()  # 80 token-expert pairs: mlx-lm and metalq group them
+    for tokens in (prompt, prompt[:12]):  # and 24 pairs: neither does
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0]
+        expected = torch.from_numpy(np.array(reference(mx.array([tokens]))[0]))
+        scale = expected.abs().max().item()
+        assert (logits - expected).abs().max().item() <= 1e-4 * scale
+        assert expected.std() > 0.5
+
+    tokens = prompt[:12]
+    for _ in range(10):  # mlx-lm greedy decoding, full recompute per token
+        tokens.append(int(np.array(reference(mx.array([tokens]))[0, -1].argmax())))
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([prompt[:12]]), max_new_tokens=10, min_new_tokens=10,
+                                   do_sample=False, pad_token_id=0)
+    assert generated[0].tolist() == tokens
 
 
 def test_replace_pre_quantized_shells_take_a_metal_state_dict():

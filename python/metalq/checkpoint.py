@@ -16,6 +16,7 @@ against the model before it changes anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import QUANT_METHOD, MetalConfig, check_format
 from .linear import MetalLinear
+from .moe import MetalExperts, MetalSwitchLinear, expert_projections
 from .ops import affine_dequantize, affine_quantize
 
 FORMATS = ("metal", "mlx")
@@ -104,6 +106,8 @@ def save_quantized(
     layers, refs = _model_sources(model, config)
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layer (pass a MetalConfig to quantize it)")
+    if format == "mlx":
+        refs, layers = to_mlx_expert_names(model, refs, layers)
     base = model_config
     if base is None:
         hf_config = getattr(model, "config", None)
@@ -165,6 +169,9 @@ def load_quantized(
     directory = Path(directory)
     scheme = read_quantization(read_config(directory), directory / CONFIG_NAME)
     with Checkpoint(directory) as checkpoint:
+        if scheme.kind == "mlx":
+            checkpoint.refs, overrides = from_mlx_expert_names(model, checkpoint.refs, scheme.overrides)
+            scheme = dataclasses.replace(scheme, overrides=overrides)
         plan = _plan_load(model, checkpoint, scheme, strict)
         tensors = _read_all(checkpoint, plan.needed, progress)
     _apply(model, plan, tensors)
@@ -231,6 +238,9 @@ def convert_checkpoint(
         to = to or ("mlx" if kind == "metal" else "metal")
         scheme = read_quantization(config, source / CONFIG_NAME)
         model = _meta_model(source, required=False)
+    if model is not None and any(expert_projections(module) is not None for module in model.modules()):
+        raise ValueError(f"{source}: convert does not handle mixture-of-experts models; load the model, quantize it "
+                         f"with metalq.quantize_ and write it with metalq.save_quantized")
     with Checkpoint(source) as checkpoint:
         refs = checkpoint.refs
         if kind is None:
@@ -750,6 +760,10 @@ def _model_sources(
     for fqn, module in model.named_modules():
         if _is_quantized_module(module):
             layers[fqn] = (module.bits, module.group_size)
+        elif config is not None and _is_float_experts(module):
+            if not any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
+                raise ValueError(f"save_quantized: {fqn} holds float experts; quantizing while writing covers "
+                                 f"nn.Linear layers only: quantize the model with metalq.quantize_ first")
         elif config is not None and _is_linear(module) and f"{fqn}.weight" in refs:
             if any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
                 continue
@@ -770,20 +784,196 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
+def _is_float_experts(module: nn.Module) -> bool:
+    return not isinstance(module, MetalExperts) and expert_projections(module) is not None
+
+
 def _is_quantized_module(module: nn.Module) -> bool:
     return "scales" in module._buffers and hasattr(module, "bits") and hasattr(module, "group_size")
+
+
+# ---- mlx-lm's names for mixture-of-experts blocks ------------------------------------------------------------
+# mlx-lm keeps a block's experts as `<block>.switch_mlp.<projection>` (transformers' fused `gate_up_proj` is its
+# `gate_proj` and `up_proj` stacked along the output rows) and spells the block as the original checkpoints do
+# (Mixtral's `block_sparse_moe` is transformers' `mlp`).
+
+MLX_EXPERTS = "switch_mlp"
+_MLX_PIECES = {"gate_up_proj": ("gate_proj", "up_proj")}  # transformers projection -> mlx-lm projections
+_EXPERT_LEAVES = ("weight", "scales", "biases", "qbiases", "bias")
+
+
+def _experts_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(experts path, experts module, block path)`` for each fused experts module of ``model``."""
+    found = []
+    for path, module in model.named_modules():
+        if path and expert_projections(module) is not None:
+            if getattr(module, "is_concatenated", True) is False:
+                raise ValueError(f"{path}: interleaved gate/up experts have no mlx-lm layout")
+            found.append((path, module, path.rpartition(".")[0]))
+    return found
+
+
+def _prefix_renamer(renames: dict[str, str]) -> Callable[[str], str]:
+    """``name -> name`` with a leading key of ``renames`` replaced by its value."""
+
+    def rename(name: str) -> str:
+        prefix = next((p for p in renames if name.startswith(p)), None)
+        return name if prefix is None else renames[prefix] + name[len(prefix):]
+
+    return rename
+
+
+def _mlx_pieces(name: str) -> tuple[str, ...]:
+    return _MLX_PIECES.get(name, (name,))
+
+
+def _merged_ref(names: list[str], refs: dict[str, TensorRef]) -> TensorRef:
+    """One tensor read as the given tensors stacked along dimension 1 (the expert matrices' rows)."""
+    parts = [refs[name] for name in names]
+    first = parts[0]
+    other_dims = lambda shape: shape[:1] + shape[2:]  # noqa: E731
+    for name, part in zip(names, parts):
+        if part.dtype != first.dtype or len(part.shape) < 2 or other_dims(part.shape) != other_dims(first.shape):
+            raise ValueError(f"tensor {name!r} ({part.where}) is {part.dtype} {part.shape}, which does not stack with "
+                             f"{names[0]!r} ({first.dtype} {first.shape})")
+    shape = (first.shape[0], sum(part.shape[1] for part in parts), *first.shape[2:])
+    where = " and ".join(dict.fromkeys(part.where for part in parts))
+    return TensorRef(first.dtype, shape, lambda: torch.cat([part.load() for part in parts], dim=1), where)
+
+
+def from_mlx_expert_names(
+    model: nn.Module, refs: dict[str, TensorRef], overrides: dict[str, Optional[tuple[int, int]]]
+) -> tuple[dict[str, TensorRef], dict[str, Optional[tuple[int, int]]]]:
+    """An mlx-lm checkpoint's tensors and per-path formats under ``model``'s names: each fused experts module
+    reads ``<block>.switch_mlp.*`` (gate and up projections stacked), and a block the checkpoint spells
+    differently (found as the one sibling with ``switch_mlp`` tensors) is renamed to the model's."""
+    owners = {name.split(f".{MLX_EXPERTS}.")[0] for name in refs if f".{MLX_EXPERTS}." in name}
+    renames: dict[str, str] = {}  # checkpoint block prefix -> model block prefix
+    merged: dict[str, list[str]] = {}  # model tensor name -> checkpoint tensor names
+    formats: dict[str, Optional[tuple[int, int]]] = {}
+    stacked_paths: set[str] = set()
+    for path, module, block in _experts_blocks(model):
+        siblings = [owner for owner in owners if owner.rpartition(".")[0] == block.rpartition(".")[0]]
+        spelled = block if block in owners else siblings[0] if len(siblings) == 1 else None
+        if spelled is None:
+            continue  # no mlx-lm experts here: the load plan reports what is missing
+        if spelled != block:
+            renames[f"{spelled}."] = f"{block}."
+        for name in expert_projections(module):
+            pieces = [f"{spelled}.{MLX_EXPERTS}.{piece}" for piece in _mlx_pieces(name)]
+            quantized = f"{pieces[0]}.scales" in refs
+            for leaf in _EXPERT_LEAVES:
+                names = [f"{piece}.{leaf}" for piece in pieces]
+                present = [n for n in names if n in refs]
+                if present and len(present) != len(names):
+                    missing = next(n for n in names if n not in refs)
+                    raise ValueError(f"missing tensor {missing!r}: {path}.{name} stacks {', '.join(pieces)}")
+                if present and quantized:
+                    merged[f"{path}.{name}.{leaf}"] = names
+                elif present:  # a float stack is the experts module's own parameter
+                    merged[f"{path}.{name}_bias" if leaf == "bias" else f"{path}.{name}"] = names
+            listed = [overrides[piece] for piece in pieces if piece in overrides]
+            if listed and (len(listed) != len(pieces) or len(set(listed)) > 1):
+                raise ValueError(f"{' and '.join(pieces)} have different formats in the quantization block, but "
+                                 f"{path}.{name} holds them as one matrix")
+            if listed:
+                formats[f"{path}.{name}"] = listed[0]
+            stacked_paths.update(pieces)
+
+    rename = _prefix_renamer(renames)
+    consumed = {name for names in merged.values() for name in names}
+    out = {rename(name): ref for name, ref in refs.items() if name not in consumed}
+    for target, names in merged.items():
+        out[target] = refs[names[0]] if len(names) == 1 else _merged_ref(names, refs)
+    if len(out) != len(refs) - len(consumed) + len(merged):
+        raise ValueError(f"renaming {', '.join(renames)} to the model's names makes tensor names collide")
+    kept = {rename(key): value for key, value in overrides.items() if key not in stacked_paths}
+    return out, {**kept, **formats}
+
+
+def _checkpoint_block_name(model: nn.Module, block: str) -> str:
+    """How original checkpoints (and so mlx-lm) spell ``block``: transformers' own renamings, reversed."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return block
+    name = f"{block}."
+    transforms = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    for transform in transforms or []:
+        if type(transform) is WeightRenaming:
+            name, _ = transform.reverse_transform().rename_source_key(name)
+    return name[:-1]
+
+
+def to_mlx_expert_names(
+    model: nn.Module, refs: dict[str, TensorRef], layers: dict[str, tuple[int, int]]
+) -> tuple[dict[str, TensorRef], dict[str, tuple[int, int]]]:
+    """Inverse of :func:`from_mlx_expert_names` for saving: each fused experts module's tensors (quantized, or
+    float ``(E, out, in)`` parameters) as mlx-lm's ``<block>.switch_mlp.*``, the gate and up halves split."""
+    renames: dict[str, str] = {}  # model block prefix -> checkpoint block prefix
+    split: dict[str, list[tuple[str, int, int]]] = {}  # model tensor name -> (checkpoint name, first row, rows)
+    out_layers = dict(layers)
+    for path, module, block in _experts_blocks(model):
+        if getattr(module, "is_transposed", False) and not isinstance(module, MetalExperts):
+            raise ValueError(f"{path}: float experts stored (E, in, out) have no mlx-lm layout; quantize them first")
+        spelled = _checkpoint_block_name(model, block)
+        if spelled != block:
+            renames[f"{block}."] = f"{spelled}."
+        for name, (_, rows, _) in expert_projections(module).items():
+            pieces = _mlx_pieces(name)
+            height = rows // len(pieces)
+            targets = [f"{spelled}.{MLX_EXPERTS}.{piece}" for piece in pieces]
+            if isinstance(module, MetalExperts):
+                sources = {leaf: f"{path}.{name}.{leaf}" for leaf in _EXPERT_LEAVES}
+            else:
+                sources = {"weight": f"{path}.{name}", "bias": f"{path}.{name}_bias"}
+            for leaf, source in sources.items():
+                if source in refs:
+                    split[source] = [(f"{target}.{leaf}", i * height, height) for i, target in enumerate(targets)]
+            if f"{path}.{name}" in out_layers:
+                layer_format = out_layers.pop(f"{path}.{name}")
+                out_layers.update(dict.fromkeys(targets, layer_format))
+
+    rename = _prefix_renamer(renames)
+    out_layers = {rename(path): layer_format for path, layer_format in out_layers.items()}
+    out: dict[str, TensorRef] = {}
+    for name, ref in refs.items():
+        if name not in split:
+            out[rename(name)] = ref
+            continue
+        for target, start, height in split[name]:
+            shape = (ref.shape[0], height, *ref.shape[2:])
+            out[target] = TensorRef(ref.dtype, shape, _rows(ref, start, height), ref.where)
+    return out, out_layers
+
+
+def _rows(ref: TensorRef, start: int, height: int) -> Callable[[], torch.Tensor]:
+    return lambda: ref.load()[:, start:start + height].contiguous()
 
 
 # ---- loading into a model ----------------------------------------------------------------------------------
 
 @dataclass
-class _Layer:
-    fqns: list[str]
-    old: nn.Module
-    kind: str  # "linear" or "embedding"
+class _Part:
+    """One packed matrix (or stack of matrices) of a quantized layer."""
+
     bits: int
     group_size: int
     names: dict[str, str]  # role (weight, scales, biases, bias) -> checkpoint tensor name
+
+
+@dataclass
+class _Layer:
+    fqns: list[str]
+    old: nn.Module
+    kind: str  # "linear", "embedding", "experts", or "matrix" (another module's 2-D weight, loaded dequantized)
+    parts: dict[str, _Part]  # "" for one matrix; the projection names of experts
+
+    @property
+    def names(self) -> list[str]:
+        return [name for part in self.parts.values() for name in part.names.values()]
 
 
 @dataclass
@@ -794,15 +984,88 @@ class _LoadPlan:
     needed: dict[str, torch.device]  # checkpoint name -> where the tensor goes
 
 
-def _quantizable(module: nn.Module) -> Optional[tuple[str, int, int]]:
-    """``(kind, in_features, out_features)`` for a layer a checkpoint may hold quantized."""
-    if isinstance(module, nn.Embedding):
-        return "embedding", module.embedding_dim, module.num_embeddings
+# a packed part's shape: (leading rows shape, in_features, whether it has a float bias)
+_PartShape = tuple[tuple[int, ...], int, bool]
+
+
+def _quantizable(module: nn.Module) -> Optional[tuple[str, dict[str, _PartShape]]]:
+    """``(kind, {part: shape})`` for a layer a checkpoint may hold quantized."""
+    if isinstance(module, nn.Embedding) or (_is_quantized_module(module) and hasattr(module, "embedding_dim")):
+        return "embedding", {"": ((module.num_embeddings,), module.embedding_dim, False)}
     if _is_linear(module) or isinstance(module, MetalLinear):
-        return "linear", module.in_features, module.out_features
-    if _is_quantized_module(module) and hasattr(module, "embedding_dim"):
-        return "embedding", module.embedding_dim, module.num_embeddings
+        return "linear", {"": ((module.out_features,), module.in_features, module.bias is not None)}
+    projections = expert_projections(module)
+    if projections is not None:
+        if isinstance(module, MetalExperts):
+            biases = {name: layer.bias is not None for name, layer in module.projections()}
+        else:
+            biases = {name: getattr(module, f"{name}_bias", None) is not None for name in projections}
+        return "experts", {
+            name: ((count, rows), columns, biases[name]) for name, (count, rows, columns) in projections.items()
+        }
+    weight = module._parameters.get("weight")
+    if weight is not None and weight.dim() == 2:
+        return "matrix", {"": ((weight.shape[0],), weight.shape[1], False)}
     return None
+
+
+def _owned_keys(kind: str, module: nn.Module, fqn: str) -> list[str]:
+    """The model state keys a quantized layer's checkpoint tensors replace."""
+    if kind == "matrix":
+        return [f"{fqn}.weight"]
+    if isinstance(module, MetalExperts):
+        return [f"{fqn}.{name}.{leaf}" for name, layer in module.projections() for leaf in layer.state_dict()]
+    if kind == "experts":
+        owned = {f"{name}{suffix}" for name in expert_projections(module) for suffix in ("", "_bias")}
+        return [f"{fqn}.{name}" for name in module._parameters if name in owned]
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [f"{fqn}.{leaf}" for leaf, _ in own]
+
+
+def _plan_part(path: str, shape: _PartShape, override, scheme: Scheme, refs: dict[str, TensorRef]) -> _Part:
+    """Format and tensor names of the packed matrix at ``path``, every tensor checked against the checkpoint."""
+    where = lambda name: f"tensor {name!r} ({refs[name].where})"  # noqa: E731
+    rows, in_features, has_bias = shape
+    names = {"weight": f"{path}.weight", "scales": f"{path}.scales", "biases": f"{path}.{_BIASES[scheme.kind]}"}
+    for role, name in names.items():
+        if name not in refs:
+            raise ValueError(f"missing tensor {name!r}: {path} is quantized ({scheme.kind} checkpoint)")
+    scales = refs[names["scales"]]
+    if override:
+        bits, group_size = override
+    elif scheme.kind == "mlx":  # mlx-lm infers the format of unlisted layers from the shapes
+        if len(scales.shape) != len(rows) + 1 or not scales.shape[-1] or in_features % scales.shape[-1]:
+            raise ValueError(f"{where(names['scales'])} has shape {scales.shape}, which does not fit "
+                             f"{path} (in_features={in_features})")
+        group_size = in_features // scales.shape[-1]
+        bits = refs[names["weight"]].shape[-1] * 32 // in_features
+        try:
+            check_format(path, bits, group_size)
+        except ValueError as error:
+            raise ValueError(f"{error} (inferred from the shapes of {path}.weight and {path}.scales)") from None
+    else:
+        bits, group_size = scheme.bits, scheme.group_size
+    if in_features % group_size:
+        raise ValueError(f"{path}: in_features={in_features} is not divisible by group_size={group_size}")
+    groups = (*rows, in_features // group_size)
+    expect = {
+        "weight": ((*rows, in_features * bits // 32), (torch.uint32,)),
+        "scales": (groups, (torch.float32, torch.float16, torch.bfloat16)),
+        "biases": (groups, (scales.dtype,)),
+    }
+    if has_bias:
+        names["bias"] = f"{path}.bias"
+        if names["bias"] not in refs:
+            raise ValueError(f"missing tensor {names['bias']!r}")
+        expect["bias"] = (rows, None)
+    for role, (shape, dtypes) in expect.items():
+        ref = refs[names[role]]
+        if ref.shape != shape:
+            raise ValueError(f"{where(names[role])} has shape {ref.shape}, expected {shape} "
+                             f"for {path} (bits={bits}, group_size={group_size})")
+        if dtypes is not None and ref.dtype not in dtypes:
+            raise ValueError(f"{where(names[role])} has dtype {ref.dtype}, expected one of {dtypes}")
+    return _Part(bits, group_size, names)
 
 
 def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict: bool) -> _LoadPlan:
@@ -810,7 +1073,6 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
 
     refs = checkpoint.refs
     where = lambda name: f"tensor {name!r} ({refs[name].where})"  # noqa: E731
-    biases = _BIASES[scheme.kind]
     modules: dict[int, tuple[list[str], nn.Module]] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
         if fqn and _quantizable(module) is not None:
@@ -819,63 +1081,37 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
     layers: list[_Layer] = []
     covered: set[str] = set()  # model state keys owned by quantized layers
     for fqns, module in modules.values():
-        kind, in_features, out_features = _quantizable(module)
-        path = next((f for f in fqns if f"{f}.scales" in refs), fqns[0])
-        override = scheme.overrides.get(path, False) if scheme.kind == "mlx" else False
-        if scheme.kind == "mlx":
-            quantized = override is not None and (override is not False or f"{path}.scales" in refs)
-        else:
-            excluded = any(matches_module_name(path, p) for p in scheme.modules_to_not_convert)
-            # transformers quantizes every Linear not excluded; a tied head (no weight of its own) follows its table
-            quantized = f"{path}.scales" in refs or (kind == "linear" and not excluded and f"{path}.weight" in refs)
-        if isinstance(module, MetalLinear) and not quantized:
-            raise ValueError(f"{path} is a MetalLinear but the checkpoint holds no quantized tensors for it")
-        if not quantized:
+        kind, shapes = _quantizable(module)
+        part_path = lambda base, part: f"{base}.{part}" if part else base  # noqa: E731
+        path = next((f for f in fqns if any(f"{part_path(f, part)}.scales" in refs for part in shapes)), fqns[0])
+        quantized = {}
+        for part in shapes:
+            name = part_path(path, part)
+            if scheme.kind == "mlx":
+                override = scheme.overrides.get(name, False)
+                quantized[part] = override is not None and (override is not False or f"{name}.scales" in refs)
+            elif kind == "linear":
+                # transformers quantizes every Linear not excluded; a tied head (no weight of its own) follows its table
+                excluded = any(matches_module_name(path, p) for p in scheme.modules_to_not_convert)
+                quantized[part] = f"{name}.scales" in refs or (not excluded and f"{name}.weight" in refs)
+            else:
+                quantized[part] = f"{name}.scales" in refs
+        if len(set(quantized.values())) > 1:
+            raise ValueError(f"{path}: the checkpoint holds some of its projections quantized and others not "
+                             f"({', '.join(part for part, q in quantized.items() if q)} quantized)")
+        if not any(quantized.values()):
+            if isinstance(module, (MetalLinear, MetalExperts)):
+                raise ValueError(f"{path} is a {type(module).__name__} but the checkpoint holds no quantized "
+                                 f"tensors for it")
             continue
-        names = {"weight": f"{path}.weight", "scales": f"{path}.scales", "biases": f"{path}.{biases}"}
-        for role, name in names.items():
-            if name not in refs:
-                raise ValueError(f"missing tensor {name!r}: {path} is quantized ({scheme.kind} checkpoint)")
-        scales = refs[names["scales"]]
-        if override:
-            bits, group_size = override
-        elif scheme.kind == "mlx":  # mlx-lm infers the format of unlisted layers from the shapes
-            if len(scales.shape) != 2 or not scales.shape[1] or in_features % scales.shape[1]:
-                raise ValueError(f"{where(names['scales'])} has shape {scales.shape}, which does not fit "
-                                 f"{path} (in_features={in_features})")
-            group_size = in_features // scales.shape[1]
-            bits = refs[names["weight"]].shape[-1] * 32 // in_features
-            try:
-                check_format(path, bits, group_size)
-            except ValueError as error:
-                raise ValueError(f"{error} (inferred from the shapes of {path}.weight and {path}.scales)") from None
-        else:
-            bits, group_size = scheme.bits, scheme.group_size
-        if in_features % group_size:
-            raise ValueError(f"{path}: in_features={in_features} is not divisible by group_size={group_size}")
-        groups = (out_features, in_features // group_size)
-        expect = {
-            "weight": ((out_features, in_features * bits // 32), (torch.uint32,)),
-            "scales": (groups, (torch.float32, torch.float16, torch.bfloat16)),
-            "biases": (groups, (scales.dtype,)),
-        }
-        bias = getattr(module, "bias", None)
-        if kind == "linear" and bias is not None:
-            names["bias"] = f"{path}.bias"
-            if names["bias"] not in refs:
-                raise ValueError(f"missing tensor {names['bias']!r}")
-            expect["bias"] = ((out_features,), None)
-        for role, (shape, dtypes) in expect.items():
-            ref = refs[names[role]]
-            if ref.shape != shape:
-                raise ValueError(f"{where(names[role])} has shape {ref.shape}, expected {shape} "
-                                 f"for {path} (bits={bits}, group_size={group_size})")
-            if dtypes is not None and ref.dtype not in dtypes:
-                raise ValueError(f"{where(names[role])} has dtype {ref.dtype}, expected one of {dtypes}")
-        layers.append(_Layer(fqns, module, kind, bits, group_size, names))
+        parts = {}
+        for part, shape in shapes.items():
+            name = part_path(path, part)
+            override = scheme.overrides.get(name, False) if scheme.kind == "mlx" else False
+            parts[part] = _plan_part(name, shape, override, scheme, refs)
+        layers.append(_Layer(fqns, module, kind, parts))
         for fqn in fqns:
-            covered.update(f"{fqn}.{leaf}" for leaf, _ in module.named_parameters(recurse=False))
-            covered.update(f"{fqn}.{leaf}" for leaf, _ in module.named_buffers(recurse=False))
+            covered.update(_owned_keys(kind, module, fqn))
 
     state = model.state_dict(keep_vars=True)
     tensor_groups: dict[int, list[str]] = {}
@@ -910,7 +1146,7 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
                 tied_heads.append(([head_path], head, embedding_of[ident]))
         else:
             raise ValueError(f"missing tensor {rest[0]!r}: the model has it but the checkpoint does not")
-    used = {name for layer in layers for name in layer.names.values()} | {name for _, name, _ in groups}
+    used = {name for layer in layers for name in layer.names} | {name for _, name, _ in groups}
     used |= covered
     unexpected = sorted(set(refs) - used)
     if strict and unexpected:
@@ -919,7 +1155,7 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
         raise ValueError(f"unexpected tensors in the checkpoint (the model has no place for them): {shown}{more}")
     needed = {name: _target_device(old) for _, name, old in groups}
     for layer in layers:
-        needed.update(dict.fromkeys(layer.names.values(), _target_device(getattr(layer.old, "weight", None))))
+        needed.update(dict.fromkeys(layer.names, _module_device(layer.old)))
     return _LoadPlan(layers, groups, tied_heads, dict(sorted(needed.items())))
 
 
@@ -945,6 +1181,14 @@ def _target_device(old: Optional[torch.Tensor]) -> torch.device:
     return torch.device("cpu") if old is None or old.device.type == "meta" else old.device
 
 
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a layer's loaded tensors go: the device of its weight (or first tensor); CPU for ``meta``."""
+    tensor = getattr(module, "weight", None)
+    if not isinstance(tensor, torch.Tensor):
+        tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return _target_device(tensor)
+
+
 def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) -> None:
     """Build every new layer, then swap them all in (nothing here can fail on the checkpoint's account)."""
     import metalq
@@ -955,23 +1199,42 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
     built: dict[int, nn.Module] = {}
     for layer in plan.layers:
         old = layer.old
-        device = _target_device(getattr(old, "weight", None))
-        get = lambda role: tensors[layer.names[role]].to(device)  # noqa: E731
-        weight, scales, biases = get("weight"), get("scales"), get("biases")
-        if layer.kind == "linear":
-            new = MetalLinear(old.in_features, old.out_features, bias="bias" in layer.names, bits=layer.bits,
-                              group_size=layer.group_size, dtype=scales.dtype, device="meta")
+        device = _module_device(old)
+        packed = {}  # part -> (weight, scales, biases, bias or None)
+        for part, spec in layer.parts.items():
+            get = lambda role: tensors[spec.names[role]].to(device)  # noqa: E731
+            packed[part] = (get("weight"), get("scales"), get("biases"), get("bias") if "bias" in spec.names else None)
+        if layer.kind == "experts":
+            projections = {}
+            for part, (weight, scales, biases, bias) in packed.items():
+                count, rows, _ = weight.shape
+                spec = layer.parts[part]
+                new = MetalSwitchLinear(count, scales.shape[-1] * spec.group_size, rows, bias=bias is not None,
+                                        bits=spec.bits, group_size=spec.group_size, dtype=scales.dtype, device="meta")
+                new.weight, new.scales, new.qbiases = weight, scales, biases
+                if bias is not None:
+                    new.bias = nn.Parameter(bias)
+                projections[part] = new
+            built[id(layer)] = MetalExperts(old, projections)
+            continue
+        spec, (weight, scales, biases, bias) = layer.parts[""], packed[""]
+        if layer.kind == "matrix":
+            table = affine_dequantize(weight, scales, biases, spec.group_size, spec.bits)
+            new = nn.Parameter(table, requires_grad=old.weight.requires_grad)
+        elif layer.kind == "linear":
+            new = MetalLinear(old.in_features, old.out_features, bias=bias is not None, bits=spec.bits,
+                              group_size=spec.group_size, dtype=scales.dtype, device="meta")
             new.weight, new.scales, new.qbiases = weight, scales, biases
-            if "bias" in layer.names:
-                new.bias = nn.Parameter(get("bias"), requires_grad=old.bias.requires_grad)
+            if bias is not None:
+                new.bias = nn.Parameter(bias, requires_grad=old.bias.requires_grad)
         elif embedding_class is not None:
             new = embedding_class(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
-                                  bits=layer.bits, group_size=layer.group_size, dtype=scales.dtype, device="meta")
+                                  bits=spec.bits, group_size=spec.group_size, dtype=scales.dtype, device="meta")
             new.weight, new.scales, new.qbiases = weight, scales, biases
         else:
             new = nn.Embedding(old.num_embeddings, old.embedding_dim, padding_idx=getattr(old, "padding_idx", None),
                                dtype=scales.dtype, device="meta")
-            new.weight = nn.Parameter(affine_dequantize(weight, scales, biases, layer.group_size, layer.bits),
+            new.weight = nn.Parameter(affine_dequantize(weight, scales, biases, spec.group_size, spec.bits),
                                       requires_grad=False)
             dequantized.append(layer.fqns[0])
         built[id(layer)] = new
@@ -984,8 +1247,8 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
         elif tied_head_class is not None:
             heads.append((head_paths, tied_head_class(table, bias=bias), None))
         else:
-            new = MetalLinear(table.embedding_dim, table.num_embeddings, bias=bias is not None, bits=layer.bits,
-                              group_size=layer.group_size, dtype=table.scales.dtype, device="meta")
+            new = MetalLinear(table.embedding_dim, table.num_embeddings, bias=bias is not None, bits=table.bits,
+                              group_size=table.group_size, dtype=table.scales.dtype, device="meta")
             new.weight, new.scales, new.qbiases = table.weight, table.scales, table.qbiases
             if bias is not None:
                 new.bias = nn.Parameter(bias.detach().clone())
@@ -999,7 +1262,10 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
     # ---- from here on the model changes
     for layer in plan.layers:
         for fqn in layer.fqns:
-            model.set_submodule(fqn, built[id(layer)])
+            if layer.kind == "matrix":  # the module stays; its weight is the dequantized matrix
+                model.get_submodule(fqn)._parameters["weight"] = built[id(layer)]
+            else:
+                model.set_submodule(fqn, built[id(layer)])
     for keys, name, old in plan.groups:
         tensor = tensors[name].to(_target_device(old))
         if isinstance(old, nn.Parameter):
