@@ -36,15 +36,12 @@ import torch
 import torch.nn.functional as F
 
 import metalq
-from _timing import DTYPES, add_common_arguments, measure, start_run, timed_call
+from _timing import DTYPES, TOLERANCE, add_common_arguments, measure, start_run, timed_call
 
 try:
     import mlx.core as mx
 except ImportError:
     mx = None
-
-# Normwise error allowed against the float32 oracle: bf16/fp16 outputs are rounded to 8/11 bits.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def parse_args(argv=None):
