@@ -53,6 +53,19 @@ PYBIND11_MODULE(_C, m) {
       plans.append(plan_to_python(plan));
     return plans;
   });
+  m.def("plan_affine_gather_qmm", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                     const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                     const std::optional<at::Tensor>& rhs_indices, const at::Tensor& out,
+                                     bool transpose, int64_t group_size, int64_t bits, bool sorted_indices) {
+    const auto shape = metalq::check_affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, group_size,
+                                                       bits, transpose);
+    const auto operands =
+        metalq::gather_qmm_operands(shape, x, w, scales, biases, lhs_indices, rhs_indices, sorted_indices);
+    py::list plans;
+    for (const auto& plan : metalq::plan_affine_gather_qmm(operands, out, group_size, bits, transpose))
+      plans.append(plan_to_python(plan));
+    return plans;
+  });
 }
 
 TORCH_LIBRARY(metalq, m) {

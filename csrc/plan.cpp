@@ -2,6 +2,7 @@
 #include "plan.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -56,16 +57,28 @@ uint32_t grid_axis(int64_t n) {
 
 uint32_t ceil_div(int64_t a, int64_t b) { return grid_axis((a + b - 1) / b); }
 
-// Every matmul kernel binds w 0, scales 1, biases 2, x 3, y 4, its shape parameters 5, BatchParams 6.
+// Every matmul kernel binds w 0, scales 1, biases 2, x 3, y 4, its shape parameters 5, and at 6
+// BatchParams or, for a gather, the buffer of (x, w) matrix pairs.
 template <class Params>
 DispatchPlan matmul(std::string kernel, std::array<uint32_t, 3> grid, std::array<uint32_t, 3> threads,
                     const QmmOperands& ops, const at::Tensor& y, const Params& p) {
-  return DispatchPlan{std::move(kernel),
-                      grid,
-                      threads,
-                      {{0, ops.w}, {1, ops.scales}, {2, ops.biases}, {3, ops.x}, {4, y}},
-                      {bytes_binding(5, p), bytes_binding(6, ops.batch)},
-                      {}};
+  DispatchPlan plan{std::move(kernel),
+                    grid,
+                    threads,
+                    {{0, ops.w}, {1, ops.scales}, {2, ops.biases}, {3, ops.x}, {4, y}},
+                    {bytes_binding(5, p)},
+                    {}};
+  if (ops.gather_pairs.defined()) {
+    plan.buffers.push_back({6, ops.gather_pairs});
+  } else {
+    plan.bytes.push_back(bytes_binding(6, ops.batch));
+  }
+  return plan;
+}
+
+// The host name of a matmul kernel: its gather variant for a gather.
+std::string matmul_kernel(const QmmOperands& ops, const std::string& kernel, int64_t group_size, int64_t bits) {
+  return kernel_name(ops.gather_pairs.defined() ? "gather_" + kernel : kernel, ops.x.scalar_type(), group_size, bits);
 }
 
 // Every small-M kernel (metal/qmv.h): 64 threads, grid z = the batch (times split-K partitions).
@@ -77,19 +90,18 @@ DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const Qmm
 // x @ W.T for M < kQmmMinRows.
 DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size, int64_t bits) {
   const int64_t M = ops.M, K = ops.x.size(-1);
-  const at::ScalarType type = ops.x.scalar_type();
   const uint32_t row_tiles = ceil_div(N, kQmvSimdgroups * kQmvRowsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   // Several rows of x: decode each weight once for up to kQmvWideVectors of them.
   if (M >= 2) {
     const uint32_t tiles = ceil_div(M, kQmvWideVectors);
     p.rows_per_tg = ceil_div(M, tiles);
-    return small_m(kernel_name("qmv_wide", type, group_size, bits),
+    return small_m(matmul_kernel(ops, "qmv_wide", group_size, bits),
                    {ceil_div(M, p.rows_per_tg), row_tiles, ops.batch.count}, ops, out, p);
   }
   // One row of x: the unguarded kernel when whole threadgroups and whole K steps fit.
   const bool aligned = N % (kQmvSimdgroups * kQmvRowsPerSimdgroup) == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
-  return small_m(kernel_name(aligned ? "qmv_fast" : "qmv", type, group_size, bits), {1, row_tiles, ops.batch.count},
+  return small_m(matmul_kernel(ops, aligned ? "qmv_fast" : "qmv", group_size, bits), {1, row_tiles, ops.batch.count},
                  ops, out, p);
 }
 
@@ -112,8 +124,9 @@ std::vector<DispatchPlan> plan_qvm(const QmmOperands& ops, const at::Tensor& out
   const at::ScalarType type = ops.x.scalar_type();
   const uint32_t col_tiles = ceil_div(N, kQmvSimdgroups * kQvmColumnsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
-  if (K < kQvmSplitKMinK || M > kQvmSplitKMaxRows) {
-    return {small_m(kernel_name("qvm", type, group_size, bits), {uint32_t(M), col_tiles, grid_axis(count)}, ops, out,
+  // A gather already spreads its items over grid z; it does not split K.
+  if (K < kQvmSplitKMinK || M > kQvmSplitKMaxRows || ops.gather_pairs.defined()) {
+    return {small_m(matmul_kernel(ops, "qvm", group_size, bits), {uint32_t(M), col_tiles, grid_axis(count)}, ops, out,
                     p)};
   }
   const int64_t parts = K > kQvmSplitKLongK ? kQvmSplitKPartsLongK : kQvmSplitKParts;
@@ -136,7 +149,7 @@ std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out
   const int64_t tiles = int64_t(ceil_div(N, kQmmBN)) * ceil_div(M, kQmmBM) * count;
   int64_t parts = std::min<int64_t>(kQmmSplitKTargetThreadgroups / tiles, K / kQmmSplitKMinPartitionK);
   int64_t k_per_split = K;
-  if (parts >= 2) {
+  if (parts >= 2 && !ops.gather_pairs.defined()) {
     k_per_split = int64_t(ceil_div(ceil_div(K, parts), kQmmBK)) * kQmmBK;
     parts = ceil_div(K, k_per_split);
   } else {
@@ -145,7 +158,7 @@ std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out
   const QmmParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(k_per_split)};
   const std::string kernel = std::string(transpose ? "qmm_t" : "qmm_n") + (parts > 1 ? "_splitk" : "");
   const at::Tensor y = parts > 1 ? at::empty({parts, count, M, N}, out.options().dtype(at::kFloat)) : out;
-  std::vector<DispatchPlan> plans{matmul(kernel_name(kernel, ops.x.scalar_type(), group_size, bits),
+  std::vector<DispatchPlan> plans{matmul(matmul_kernel(ops, kernel, group_size, bits),
                                          {ceil_div(N, kQmmBN), ceil_div(M, kQmmBM), grid_axis(parts * count)},
                                          {uint32_t(kQmmThreads), 1, 1}, ops, y, p)};
   if (parts > 1) {
@@ -291,6 +304,42 @@ std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& ops, const at::Tens
     return {plan_qmv(ops, out, N, group_size, bits)};
   }
   return plan_qvm(ops, out, N, group_size, bits);
+}
+
+QmmOperands gather_qmm_operands(const GatherQmmShape& shape, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& scales, const at::Tensor& biases,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices, bool sorted_indices) {
+  const auto [lhs, rhs] = gather_index_pairs(shape, lhs_indices, rhs_indices, x, w);
+  const int64_t x_count = shape.x_count.expect_int(), w_count = shape.w_count.expect_int(), items = lhs.numel();
+  TORCH_INTERNAL_ASSERT(items <= UINT32_MAX && x_count <= UINT32_MAX && w_count <= UINT32_MAX);
+  const auto matrices = [](const at::Tensor& t, int64_t count) {
+    return t.reshape({count, t.size(-2), t.size(-1)}).contiguous();
+  };
+  QmmOperands ops{};
+  ops.x = matrices(x, x_count);
+  ops.w = matrices(w, w_count), ops.scales = matrices(scales, w_count), ops.biases = matrices(biases, w_count);
+  ops.M = x.size(-2);
+  ops.batch.count = uint32_t(items);
+  ops.gather_pairs = at::stack({lhs, rhs}, 1).to(at::kInt);
+  ops.sorted_rows = sorted_indices && !lhs_indices && ops.M == 1 && x_count == items;
+  return ops;
+}
+
+// A gather takes the decision tree of plan_affine_qmm over its items (without split-K), except that
+// many expert-sorted decode rows go to affine_gather_qmm_rhs: grid (ceil(N/32), ceil(items/32), 1).
+std::vector<DispatchPlan> plan_affine_gather_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t group_size,
+                                                 int64_t bits, bool transpose) {
+  TORCH_INTERNAL_ASSERT(ops.gather_pairs.defined());
+  const int64_t items = ops.batch.count, N = out.size(-1), K = ops.x.size(-1);
+  if (out.numel() != 0 && ops.sorted_rows && items >= kGatherRhsMinItems &&
+      items >= kGatherRhsMinItemsPerExpert * ops.w.size(0)) {
+    const QmmParams p{uint32_t(items), uint32_t(N), uint32_t(K), uint32_t(K)};
+    return {matmul(kernel_name(transpose ? "gather_qmm_rhs_t" : "gather_qmm_rhs_n", ops.x.scalar_type(), group_size,
+                               bits),
+                   {ceil_div(N, kQmmBN), ceil_div(items, kQmmBM), 1}, {uint32_t(kQmmThreads), 1, 1}, ops, out, p)};
+  }
+  return plan_affine_qmm(ops, out, group_size, bits, transpose);
 }
 
 }  // namespace metalq

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "params.h"
 
 namespace metalq {
@@ -55,6 +56,12 @@ struct QmmOperands {
   at::Tensor x, w, scales, biases;
   int64_t M;
   BatchParams batch;
+  // A gather (affine_gather_qmm): int32 [batch.count, 2], the x and w matrix of every item, bound
+  // instead of `batch`; x is [x_count, M, K] and w, scales, biases [w_count, rows, cols].
+  at::Tensor gather_pairs;
+  // A gather whose items are single rows, item i reading x matrix i, with non-decreasing experts
+  // (sorted_indices and no lhs_indices: MLX's right_sorted).
+  bool sorted_rows = false;
 };
 
 // x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row).
@@ -66,5 +73,17 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
 // created here and held by the plans' bindings. An empty output needs no dispatch.
 std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& operands, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose);
+
+// The operands of affine_gather_qmm, after check_affine_gather_qmm (checks the index values).
+QmmOperands gather_qmm_operands(const GatherQmmShape& shape, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& scales, const at::Tensor& biases,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices, bool sorted_indices);
+
+// out[i] = x[lhs[i]] @ dequant(w[rhs[i]]).T (transpose) or x[lhs[i]] @ dequant(w[rhs[i]]) into a
+// contiguous out [items, M, N]: the small-M and GEMM kernels' gather variants (no split-K), or for
+// many sorted decode rows affine_gather_qmm_rhs. An empty output needs no dispatch.
+std::vector<DispatchPlan> plan_affine_gather_qmm(const QmmOperands& operands, const at::Tensor& out,
+                                                 int64_t group_size, int64_t bits, bool transpose);
 
 }  // namespace metalq

@@ -141,6 +141,12 @@ METALQ_CONST int kQmmSplitKTargetThreadgroups = 512;
 // the x and weight bytes it reads.
 METALQ_CONST int kQmmSplitKMinPartitionK = 256;
 
+// affine_gather_qmm_rhs (expert-sorted decode rows) serves a gather of one-row items from this many
+// items, when there are at least this many items per expert on average (MLX's rule): then most
+// 32-item tiles hold a few long runs and each expert's weights are read about once per tile.
+METALQ_CONST int kGatherRhsMinItems = 16;
+METALQ_CONST int kGatherRhsMinItemsPerExpert = 4;
+
 // setBytes argument of affine_qmm and affine_qmm_splitk: y[M, N] = x[M, K] @ W.T (or W), with
 // grid z = partitions of K, each k_per_split long.
 struct QmmParams {

@@ -62,6 +62,7 @@ METAL_FUNC uint fragment_col(uint lane) { return ((lane >> 3) & 1) * 4 + (lane &
 // of one W row (qmm_t: N row t/4, 8 K values; qmm_n: K row t/4, 8 N values, one group either way),
 // then each of the 2x2 simdgroups multiplies its 16x16 quarter as 2x2 float 8x8 fragments.
 // Rows of x past M, W rows past N and k past k_end are staged as 0; stores skip m >= M, n >= N.
+// Ends with a barrier, so a caller may run it again on the same threadgroup memory.
 template <typename T, int group_size, int bits, bool transpose, typename Out>
 METAL_FUNC void affine_qmm_impl(
     const device uint8_t* w,
@@ -69,8 +70,11 @@ METAL_FUNC void affine_qmm_impl(
     const device T* biases,
     const device T* x,
     device Out* y,
-    constant QmmParams& params,
+    uint M,
+    uint N,
+    uint K,
     uint k_begin,
+    uint k_end,
     threadgroup T* xs,
     threadgroup T* ws,
     uint2 tile,
@@ -80,8 +84,6 @@ METAL_FUNC void affine_qmm_impl(
   static_assert(group_size % 8 == 0 && kQmmBN <= group_size, "a loader's 8 values must share one group");
   static_assert(kQmmThreads * 8 == kQmmBM * kQmmBK && kQmmThreads * 8 == kQmmBN * kQmmBK, "8 values per thread");
   constexpr int ld = qmm_tile_ld<T>();
-  const uint M = params.M, N = params.N, K = params.K;
-  const uint k_end = min(K, k_begin + params.k_per_split);
   const uint m0 = tile.y * kQmmBM, n0 = tile.x * kQmmBN;
 
   // Loader coordinates: tile row and first of 8 columns.
@@ -163,7 +165,7 @@ METAL_FUNC void affine_qmm_impl(
 // Grid (ceil(N/32), ceil(M/32), batch count) of 128-thread threadgroups; threadgroup (tx, ty, z) writes
 // y[z][32*ty .. +32, 32*tx .. +32] over the whole K. E.g. M=33, N=64: 2x2 threadgroups, the second
 // row of tiles holding one valid row of y. Weights (buffer 0) are the bytes of MLX's uint32 words.
-template <typename T, int group_size, int bits, bool transpose>
+template <typename T, int group_size, int bits, bool transpose, typename Batch>
 [[kernel]] void affine_qmm(
     const device uint8_t* w [[buffer(0)]],
     const device T* scales [[buffer(1)]],
@@ -171,7 +173,7 @@ template <typename T, int group_size, int bits, bool transpose>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
-    constant metalq::BatchParams& batch [[buffer(6)]],
+    Batch batch [[buffer(6)]],
     uint3 tile [[threadgroup_position_in_grid]],
     uint index [[thread_index_in_threadgroup]],
     uint simdgroup [[simdgroup_index_in_threadgroup]],
@@ -180,7 +182,7 @@ template <typename T, int group_size, int bits, bool transpose>
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
   metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
   metalq::affine_qmm_impl<T, group_size, bits, transpose, T>(
-      w, scales, biases, x, y, params, 0, xs, ws, tile.xy, index, simdgroup, lane);
+      w, scales, biases, x, y, params.M, params.N, params.K, 0, params.K, xs, ws, tile.xy, index, simdgroup, lane);
 }
 
 // Split-K: grid z = partitions x batch count; slice z reduces partition p = z / count, k in
@@ -204,7 +206,49 @@ template <typename T, int group_size, int bits, bool transpose>
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
   metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x,
                                             partials);
+  const uint k_begin = (tile.z / batch.count) * params.k_per_split;
   metalq::affine_qmm_impl<T, group_size, bits, transpose, float>(
-      w, scales, biases, x, partials, params, (tile.z / batch.count) * params.k_per_split, xs, ws, tile.xy, index,
-      simdgroup, lane);
+      w, scales, biases, x, partials, params.M, params.N, params.K, k_begin, min(params.K, k_begin + params.k_per_split),
+      xs, ws, tile.xy, index, simdgroup, lane);
+}
+
+// Mixture-of-experts decode over expert-sorted items (MLX's gather_qmm_rhs): every item is one row
+// (M = 1), item i reads row i of x, params.M counts the items and pairs[i].y is item i's expert,
+// non-decreasing in i. Grid (ceil(N/32), ceil(items/32), 1); threadgroup (tx, ty) covers items
+// [32 ty, 32 ty + 32) and runs one GEMM pass over the whole K per run of items sharing an expert,
+// so an expert's weights are read once per tile holding its items instead of once per item.
+template <typename T, int group_size, int bits, bool transpose>
+[[kernel]] void affine_gather_qmm_rhs(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmmParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tile [[threadgroup_position_in_grid]],
+    uint index [[thread_index_in_threadgroup]],
+    uint simdgroup [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
+  threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
+  const uint end = min(params.M, (tile.y + 1) * metalq::kQmmBM);
+  for (uint first = tile.y * metalq::kQmmBM; first < end;) {
+    const uint expert = pairs[first].y;
+    uint last = first + 1;
+    while (last < end && pairs[last].y == expert) {
+      ++last;
+    }
+    const device uint8_t* we = w;
+    const device T* se = scales;
+    const device T* be = biases;
+    const device T* xr = x;
+    device T* yr = y;
+    metalq::offset_matrices<group_size, bits>(metalq::BatchMatrices{first, expert}, first, 1, params.N, params.K,
+                                              we, se, be, xr, yr);
+    metalq::affine_qmm_impl<T, group_size, bits, transpose, T>(we, se, be, xr, yr, last - first, params.N, params.K,
+                                                               0, params.K, xs, ws, uint2(tile.x, 0), index,
+                                                               simdgroup, lane);
+    first = last;
+  }
 }

@@ -190,13 +190,14 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const 
 }  // namespace metalq
 
 // ---- kernels ------------------------------------------------------------------------------------
-// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5, BatchParams 6.
-// Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
+// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5, and 6 the batch:
+// BatchParams, or for the gather instances (Batch = const device uint2*) the (x, w) matrix pair of
+// every item. Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
 
 // Decode GEMV for aligned shapes (N % 8 == 0, K % (32 * qmv_fast_values(bits)) == 0). Grid
 // (M, N / 8): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s rows 8t + 4s .. +4. E.g.
 // 4-bit: a lane reads 16 x values and 8 bytes of each of its 4 rows per step of 512 K values.
-template <typename T, int group_size, int bits>
+template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qmv_fast(
     const device uint8_t* w [[buffer(0)]],
     const device T* scales [[buffer(1)]],
@@ -204,7 +205,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    constant metalq::BatchParams& batch [[buffer(6)]],
+    Batch batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -217,7 +218,7 @@ template <typename T, int group_size, int bits>
 
 // General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,
 // 256 K per step). Grid (M, ceil(N / 8)) as qmv_fast.
-template <typename T, int group_size, int bits>
+template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qmv(
     const device uint8_t* w [[buffer(0)]],
     const device T* scales [[buffer(1)]],
@@ -225,7 +226,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    constant metalq::BatchParams& batch [[buffer(6)]],
+    Batch batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -238,7 +239,7 @@ template <typename T, int group_size, int bits>
 
 // Small batches: grid (ceil(M / rows_per_tg), ceil(N / 8)); threadgroup (t, r) computes rows
 // 8r .. 8r+8 of y for x rows t * rows_per_tg .. +rows_per_tg, decoding each weight once for all of them.
-template <typename T, int group_size, int bits>
+template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qmv_wide(
     const device uint8_t* w [[buffer(0)]],
     const device T* scales [[buffer(1)]],
@@ -246,7 +247,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    constant metalq::BatchParams& batch [[buffer(6)]],
+    Batch batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -261,7 +262,7 @@ template <typename T, int group_size, int bits>
 
 // x @ W for small M: grid (M, ceil(N / 64)); threadgroup (m, t) computes y[m, 64t .. 64t+64), 32
 // columns per simdgroup (N is a multiple of group_size >= 32, so a simdgroup is all in or all out).
-template <typename T, int group_size, int bits>
+template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qvm(
     const device uint8_t* w [[buffer(0)]],
     const device T* scales [[buffer(1)]],
@@ -269,7 +270,7 @@ template <typename T, int group_size, int bits>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    constant metalq::BatchParams& batch [[buffer(6)]],
+    Batch batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {

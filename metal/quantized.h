@@ -127,23 +127,41 @@ METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T 
 // The flat index of this thread in a grid that may wrap into y (see ElementwiseParams).
 METAL_FUNC ulong work_item(uint2 position, uint2 grid) { return ulong(position.y) * grid.x + position.x; }
 
-// Every matmul kernel (qmv.h, qmm.h) starts here: points x, w, scales and biases at the matrices of
-// batch item z % batch.count and y at matrix z of y, for y = x[M, K] @ W.T with W [N, K] or x @ W with
-// W [K, N] (either way a matrix of W holds N * K values in N * K / group_size groups). Split-K
-// kernels number their grid slices z = partition * batch.count + item, so their float partials are
-// [partitions, count, M, N]. A gather variant changes only how batch_matrices finds the two matrices.
+// Points x, w, scales and biases at x matrix m.x and w matrix m.w, and y at matrix z of y, for
+// y = x[M, K] @ W.T with W [N, K] or x @ W with W [K, N] (either way a matrix of W holds N * K values
+// in N * K / group_size groups).
 template <int group_size, int bits, typename T, typename Out>
-METAL_FUNC void select_matrices(constant BatchParams& batch, uint z, uint M, uint N, uint K,
-                                const device uint8_t* thread& w, const device T* thread& scales,
-                                const device T* thread& biases, const device T* thread& x,
-                                device Out* thread& y) {
-  const BatchMatrices m = batch_matrices(batch, z % batch.count);
+METAL_FUNC void offset_matrices(BatchMatrices m, uint z, uint M, uint N, uint K, const device uint8_t* thread& w,
+                                const device T* thread& scales, const device T* thread& biases,
+                                const device T* thread& x, device Out* thread& y) {
   const ulong values = ulong(N) * K;
   w += m.w * (values * bits / 8);
   scales += m.w * (values / group_size);
   biases += m.w * (values / group_size);
   x += m.x * (ulong(M) * K);
   y += z * (ulong(M) * N);
+}
+
+// Every matmul kernel (qmv.h, qmm.h) starts here: offset_matrices for batch item z % batch.count, with
+// y at matrix z. Split-K kernels number their grid slices z = partition * batch.count + item, so
+// their float partials are [partitions, count, M, N].
+template <int group_size, int bits, typename T, typename Out>
+METAL_FUNC void select_matrices(constant BatchParams& batch, uint z, uint M, uint N, uint K,
+                                const device uint8_t* thread& w, const device T* thread& scales,
+                                const device T* thread& biases, const device T* thread& x,
+                                device Out* thread& y) {
+  offset_matrices<group_size, bits>(batch_matrices(batch, z % batch.count), z, M, N, K, w, scales, biases, x, y);
+}
+
+// The gather kernels (affine_gather_*, MLX's gather_qmm): item z multiplies x matrix pairs[z].x by w
+// matrix pairs[z].y, the lhs and rhs indices broadcast and flattened by the host.
+template <int group_size, int bits, typename T, typename Out>
+METAL_FUNC void select_matrices(const device uint2* pairs, uint z, uint M, uint N, uint K,
+                                const device uint8_t* thread& w, const device T* thread& scales,
+                                const device T* thread& biases, const device T* thread& x,
+                                device Out* thread& y) {
+  const uint2 pair = pairs[z];
+  offset_matrices<group_size, bits>(BatchMatrices{pair.x, pair.y}, z, M, N, K, w, scales, biases, x, y);
 }
 
 }  // namespace metalq

@@ -11,32 +11,40 @@
   instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
                      affine_##kernel, type, group_size, bits)
 
-#define instantiate_bits(kernel, type, group_size) \
-  instantiate_affine(kernel, type, group_size, 1) \
-  instantiate_affine(kernel, type, group_size, 2) \
-  instantiate_affine(kernel, type, group_size, 3) \
-  instantiate_affine(kernel, type, group_size, 4) \
-  instantiate_affine(kernel, type, group_size, 5) \
-  instantiate_affine(kernel, type, group_size, 6) \
-  instantiate_affine(kernel, type, group_size, 8)
+// A matmul kernel twice: over a batch (BatchParams) and as its gather variant affine_gather_<kernel>
+// (the (x, w) matrix pair of every item, see select_matrices in quantized.h).
+#define instantiate_matmul(kernel, type, group_size, bits) \
+  instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
+                     affine_##kernel, type, group_size, bits, constant metalq::BatchParams&) \
+  instantiate_kernel("affine_gather_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
+                     affine_##kernel, type, group_size, bits, const device uint2*)
 
-#define instantiate_group_sizes(kernel, type) \
-  instantiate_bits(kernel, type, 32) \
-  instantiate_bits(kernel, type, 64) \
-  instantiate_bits(kernel, type, 128)
+#define instantiate_bits(leaf, kernel, type, group_size) \
+  leaf(kernel, type, group_size, 1) \
+  leaf(kernel, type, group_size, 2) \
+  leaf(kernel, type, group_size, 3) \
+  leaf(kernel, type, group_size, 4) \
+  leaf(kernel, type, group_size, 5) \
+  leaf(kernel, type, group_size, 6) \
+  leaf(kernel, type, group_size, 8)
 
-#define instantiate_types(kernel) \
-  instantiate_group_sizes(kernel, float) \
-  instantiate_group_sizes(kernel, half) \
-  instantiate_group_sizes(kernel, bfloat)
+#define instantiate_group_sizes(leaf, kernel, type) \
+  instantiate_bits(leaf, kernel, type, 32) \
+  instantiate_bits(leaf, kernel, type, 64) \
+  instantiate_bits(leaf, kernel, type, 128)
 
-instantiate_types(quantize)
-instantiate_types(dequantize)
-instantiate_types(qmv_fast)
-instantiate_types(qmv)
-instantiate_types(qmv_wide)
-instantiate_types(qvm)
-instantiate_types(qvm_split_k)
+#define instantiate_types(leaf, kernel) \
+  instantiate_group_sizes(leaf, kernel, float) \
+  instantiate_group_sizes(leaf, kernel, half) \
+  instantiate_group_sizes(leaf, kernel, bfloat)
+
+instantiate_types(instantiate_affine, quantize)
+instantiate_types(instantiate_affine, dequantize)
+instantiate_types(instantiate_matmul, qmv_fast)
+instantiate_types(instantiate_matmul, qmv)
+instantiate_types(instantiate_matmul, qmv_wide)
+instantiate_types(instantiate_matmul, qvm)
+instantiate_types(instantiate_affine, qvm_split_k)
 
 // Type-only kernels: "<kernel>_<type>".
 instantiate_kernel("split_k_reduce_float", split_k_reduce, float)
@@ -44,13 +52,24 @@ instantiate_kernel("split_k_reduce_half", split_k_reduce, half)
 instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
 
 // Prefill GEMMs (qmm.h): the orientation is the fourth template argument, so they have their own
-// nest: affine_qmm_{t,n}[_splitk]_<type>_gs_<gs>_b_<bits>; split_k_reduce sums the split-K partials.
+// nest: affine_[gather_]qmm_{t,n}_<type>_gs_<gs>_b_<bits>, affine_qmm_{t,n}_splitk_... (split_k_reduce
+// sums the partials) and the sorted-expert affine_gather_qmm_rhs_{t,n}_....
 #define instantiate_qmm(type, group_size, bits) \
-  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, true) \
-  instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, false) \
+  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, true, \
+                     constant metalq::BatchParams&) \
+  instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, false, \
+                     constant metalq::BatchParams&) \
+  instantiate_kernel("affine_gather_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, \
+                     bits, true, const device uint2*) \
+  instantiate_kernel("affine_gather_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, \
+                     bits, false, const device uint2*) \
   instantiate_kernel("affine_qmm_t_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
                      group_size, bits, true) \
   instantiate_kernel("affine_qmm_n_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
+                     group_size, bits, false) \
+  instantiate_kernel("affine_gather_qmm_rhs_t_" #type "_gs_" #group_size "_b_" #bits, affine_gather_qmm_rhs, type, \
+                     group_size, bits, true) \
+  instantiate_kernel("affine_gather_qmm_rhs_n_" #type "_gs_" #group_size "_b_" #bits, affine_gather_qmm_rhs, type, \
                      group_size, bits, false)
 
 #define instantiate_qmm_bits(type, group_size) \

@@ -58,6 +58,22 @@ at::Tensor affine_qmm_n_mps(const at::Tensor& x, const at::Tensor& w, const at::
   return affine_qmm_mps("affine_qmm_n", x, w, scales, biases, group_size, bits, false);
 }
 
+at::Tensor affine_gather_qmm_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                 const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+                                 const std::optional<at::Tensor>& rhs_indices, bool transpose, int64_t group_size,
+                                 int64_t bits, bool sorted_indices) {
+  const GatherQmmShape shape =
+      check_affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose);
+  const QmmOperands operands =
+      gather_qmm_operands(shape, x, w, scales, biases, lhs_indices, rhs_indices, sorted_indices);
+  auto out = at::empty_symint(shape.out_sizes(), x.options());
+  if (out.numel() == 0 || shape.K == 0) return out.zero_();
+  for (const DispatchPlan& plan : plan_affine_gather_qmm(operands, out, group_size, bits, transpose)) {
+    mps::encode(plan);
+  }
+  return out;
+}
+
 // pack/unpack are bit shuffles for checkpoint I/O, not the hot path: the CPU op, copied back.
 template <class Signature>
 c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
@@ -81,6 +97,7 @@ TORCH_LIBRARY_IMPL(metalq, MPS, m) {
   m.impl("affine_dequantize", &affine_dequantize_mps);
   m.impl("affine_qmm_t", &affine_qmm_t_mps);
   m.impl("affine_qmm_n", &affine_qmm_n_mps);
+  m.impl("affine_gather_qmm", &affine_gather_qmm_mps);
   m.impl("pack", &pack_mps);
   m.impl("unpack", &unpack_mps);
 }
