@@ -95,7 +95,8 @@ COMMON = dict(
     pad_token_id=0,
 )
 # expert counts and widths that fit group sizes 32 and 64; Qwen2-MoE adds a shared expert, Mixtral is the
-# block mlx-lm spells `block_sparse_moe`, OLMoE normalises q and k
+# block mlx-lm spells `block_sparse_moe`, OLMoE normalises q and k, GPT-OSS stores its experts (E, in, out) with
+# biases, gate and up interleaved and its own clamped gate
 FAMILIES = {
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         **COMMON, intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16,
@@ -108,6 +109,10 @@ FAMILIES = {
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=128, num_local_experts=4,
                                                   num_experts_per_tok=2),
     "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **COMMON, intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
 }
 
 
@@ -133,7 +138,10 @@ def with_dequantized_experts(float_model, quantized):
         if isinstance(module, MetalExperts):
             experts = reference.get_submodule(name)
             for projection, layer in module.projections():
-                experts._parameters[projection] = nn.Parameter(layer.dequantize())
+                weight = layer.dequantize()
+                experts._parameters[projection] = nn.Parameter(
+                    weight.transpose(-1, -2).contiguous() if experts.is_transposed else weight
+                )
         elif isinstance(module, MetalLinear):
             reference.get_submodule(name).weight = nn.Parameter(module.dequantize().weight)
     return reference
@@ -163,7 +171,9 @@ def test_quantize_swaps_every_experts_module_and_matches_dequantized_reference(f
         float_experts = reference_float.get_submodule(path)
         for name, layer in experts.projections():
             assert isinstance(layer, MetalSwitchLinear) and (layer.bits, layer.group_size) == (4, 32)
-            assert layer.dequantize().shape == float_experts._parameters[name].shape
+            count, rows, columns = float_experts._parameters[name].shape
+            stored = (count, columns, rows) if float_experts.is_transposed else (count, rows, columns)
+            assert (layer.num_experts, layer.out_features, layer.in_features) == stored
     assert not [n for n, p in model.named_parameters() if p.dim() == 3]  # no float expert matrix left
     reference = with_dequantized_experts(reference_float, model)
     ids = token_batch()
@@ -240,8 +250,11 @@ def assert_same_state(a, b):
         assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("layout", ["metal", "mlx"])
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize(
+    "family,layout",
+    # GPT-OSS's interleaved experts have no mlx-lm switch_mlp layout
+    [("qwen3_moe", "metal"), ("qwen3_moe", "mlx"), ("mixtral", "metal"), ("mixtral", "mlx"), ("gpt_oss", "metal")],
+)
 def test_save_load_round_trip_bit_exact(tmp_path, family, layout):
     model = build(family)
     metalq.quantize_(model, {"model.layers.1.mlp.experts": MetalConfig(bits=8, group_size=64),
@@ -322,6 +335,14 @@ def test_mlx_experts_errors_leave_model_untouched(tmp_path, breaker, match):
     assert all(torch.equal(tensor, state[key]) for key, tensor in target.state_dict().items())
 
 
+def test_interleaved_experts_have_no_mlx_layout(tmp_path):
+    model = build("gpt_oss")
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts: interleaved gate/up experts have no mlx-lm"):
+        save_quantized(model, tmp_path / "out", format="mlx")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_moe_models(tmp_path):
     build("qwen3_moe").save_pretrained(tmp_path / "float")
     with pytest.raises(ValueError, match="convert does not handle mixture-of-experts models"):
@@ -356,7 +377,7 @@ def set_rope_theta_for_mlx_lm(directory):
     path.write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
 def converted(request, tmp_path_factory):
     """(family, an ``mlx_lm.convert`` 4-bit gs64 output of a random tiny model of that family)."""
     mlx_lm = require_mlx_lm()
