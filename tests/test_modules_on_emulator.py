@@ -1,12 +1,14 @@
-"""MetalLinear and MetalEmbedding run "as the Mac would": their ops go through the DispatchPlan and the
-Metal kernels on the emulator, and must give what the CPU kernels give."""
+"""MetalLinear, MetalEmbedding and MetalExperts run "as the Mac would": their ops go through the DispatchPlan and
+the Metal kernels on the emulator, and must give what the CPU kernels give."""
 import types
 
 import pytest
 import torch
 
 import metalq
+import metalq.moe
 import metalq.ops
+from test_metal_gather import emulate as emulate_gather
 from test_metal_kernels import emulate_dequantize
 from test_metal_qmv import emulate_qmm
 
@@ -23,6 +25,7 @@ def route_ops_to_emulator(lib, monkeypatch):
         affine_qmm_t=lambda *a: qmm(*a, True),
         affine_qmm_n=lambda *a: qmm(*a, False),
         affine_dequantize=lambda *a: emulate_dequantize(lib, *a)[0],
+        affine_gather_qmm=lambda *a: emulate_gather(lib, *a)[0],
     )
     monkeypatch.setattr(metalq.ops, "_ops", emulated)
 
@@ -51,3 +54,23 @@ def test_metal_embedding_lookup_matches_cpu(lib, monkeypatch, bits, group_size):
     emulated = table(ids)
     monkeypatch.undo()
     assert torch.equal(emulated, table(ids))  # dequantize is exact on both
+
+
+@pytest.mark.parametrize("tokens", (5, 40), ids=("ungrouped", "grouped"))  # 10 and 80 token-expert pairs
+def test_metal_experts_forward_matches_cpu(lib, monkeypatch, tokens):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(hidden_size=64, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(tokens)
+    float_experts = transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts(config)
+    for param in float_experts.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    experts = metalq.MetalExperts.from_experts(float_experts, bits=4, group_size=32)
+    hidden = torch.randn(tokens, 64)
+    routing = torch.randn(tokens, 8).softmax(-1).topk(2)
+    grouped = 2 * tokens >= metalq.moe.SORT_MIN_PAIRS
+    route_ops_to_emulator(lib, monkeypatch)
+    emulated = experts(hidden, routing.indices, routing.values)
+    monkeypatch.undo()
+    expected = experts(hidden, routing.indices, routing.values)
+    assert grouped == (tokens == 40)
+    torch.testing.assert_close(emulated, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
