@@ -228,6 +228,26 @@ def test_grouped_and_ungrouped_routing_agree_with_transformers(family, monkeypat
     assert_close_to_scale(outputs["grouped"], expected, 1e-5)
 
 
+@pytest.mark.parametrize("tokens", [5, 40], ids=["ungrouped", "grouped"])
+def test_gradients_reach_the_input_like_float64(tokens):
+    """LoRA-style training on a frozen quantized MoE: d(output)/d(hidden) through MetalExperts."""
+    model = build("qwen2_moe")
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
+    experts = model.model.layers[0].mlp.experts
+    exact = experts.dequantize().double()  # transformers' own float experts forward, in float64
+    exact.config = copy.copy(exact.config)
+    exact.config._experts_implementation = "eager"  # the grouped_mm default has no float64 kernel
+    torch.manual_seed(tokens)
+    hidden = torch.randn(tokens, 64)
+    routing = torch.randn(tokens, 8).softmax(-1).topk(2)
+    cotangent = torch.randn(tokens, 64)
+    x = hidden.clone().requires_grad_()
+    (experts(x, routing.indices, routing.values) * cotangent).sum().backward()
+    x64 = hidden.double().requires_grad_()
+    (exact(x64, routing.indices, routing.values.double()) * cotangent.double()).sum().backward()
+    assert_close_to_scale(x.grad, x64.grad, 1e-5)
+
+
 def test_dequantize_restores_the_float_experts():
     model = build("qwen2_moe")
     metalq.quantize_(model, MetalConfig(bits=4, group_size=64))
