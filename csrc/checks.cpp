@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "fp_format.h"
 #include "params.h"
 
 namespace metalq {
@@ -66,6 +67,23 @@ void check_packed(const char* op, const at::Tensor& w) {
                    w.scalar_type(), ".");
 }
 
+// Shape rule shared by the dequantize ops: scales (..., rows, K / group_size) for wq (..., rows, K*bits/32).
+// `params` names the per-group tensors in messages ("scales and biases", or "scales").
+c10::SymInt dequantize_shape(const char* op, const char* params, const at::Tensor& wq, const at::Tensor& scales,
+                             int64_t group_size, int64_t bits) {
+  TORCH_CHECK_VALUE(wq.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K*bits/32), but it has ",
+                    wq.dim(), ".");
+  c10::SymInt K = wq.sym_size(-1) * 32 / bits;
+  TORCH_CHECK_VALUE(K * bits == wq.sym_size(-1) * 32 && K % group_size == 0, "[", op, "] w of shape ", shape_str(wq), " holds ", wq.sym_size(-1), " uint32 words per row, which is not a whole number of groups of ", group_size, " ", bits, "-bit values.");
+  auto expected = wq.sym_sizes().vec();
+  expected.back() = K / group_size;
+  TORCH_CHECK_VALUE(scales.sym_sizes() == c10::SymIntArrayRef(expected), "[", op, "] w of shape ", shape_str(wq),
+                    " packs K=", K, " values per row at bits=", bits, ", so ", params, " must have shape ",
+                    c10::SymIntArrayRef(expected), " for group_size=", group_size, ", but scales has shape ",
+                    shape_str(scales), ".");
+  return K;
+}
+
 // The dtype rules of every quantized matmul operand.
 void check_qmm_dtypes(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const at::Tensor& biases) {
@@ -78,9 +96,10 @@ void check_qmm_dtypes(const char* op, const at::Tensor& x, const at::Tensor& w, 
 }
 
 // The rules on the matrix dimensions: w (..., rows, words) with scales of shape (..., rows, groups)
-// (the same batch dimensions) and x (..., K). Returns K and N.
-QmmShape check_qmm_matrix(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                          int64_t group_size, int64_t bits, bool transpose) {
+// (the same batch dimensions) and x (..., K). Returns K and N. `params` names the per-group tensors in
+// messages ("scales and biases", or "scales").
+QmmShape check_qmm_matrix(const char* op, const char* params, const at::Tensor& x, const at::Tensor& w,
+                          const at::Tensor& scales, int64_t group_size, int64_t bits, bool transpose) {
   TORCH_CHECK_VALUE(w.sym_size(-1) * 32 % bits == 0, "[", op, "] w has ", w.sym_size(-1),
                     " uint32 words per row, which is not a whole number of ", bits, "-bit values.");
   c10::SymInt rows = w.sym_size(-2);
@@ -89,7 +108,7 @@ QmmShape check_qmm_matrix(const char* op, const at::Tensor& x, const at::Tensor&
   expected.back() = packed_len / group_size;
   TORCH_CHECK_VALUE(packed_len % group_size == 0 && scales.sym_sizes() == c10::SymIntArrayRef(expected),
                     "[", op, "] w of shape ", shape_str(w), " packs ", packed_len, " values per row at bits=", bits,
-                    ", so scales and biases must have shape ", sizes_str(expected), " for group_size=", group_size,
+                    ", so ", params, " must have shape ", sizes_str(expected), " for group_size=", group_size,
                     ", but scales has shape ", shape_str(scales), ".");
   QmmShape shape = transpose ? QmmShape{packed_len, rows} : QmmShape{rows, packed_len};
   TORCH_CHECK_VALUE(x.sym_size(-1) == shape.K, "[", op, "] the last dimension of x (", x.sym_size(-1),
@@ -170,9 +189,9 @@ void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits
                     ") must be divisible by group_size=", group_size, "; w has shape ", shape_str(w), ".");
 }
 
-void check_finite_weights(const at::Tensor& w) {
+void check_finite_weights(const at::Tensor& w, const char* op) {
   TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-                    "[affine_quantize] w contains NaN or infinite values, which cannot be quantized.");
+                    "[", op, "] w contains NaN or infinite values, which cannot be quantized.");
 }
 
 c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
@@ -182,17 +201,7 @@ c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
   check_packed(op, wq);
   check_scales_biases(op, scales, biases);
   check_same_device(op, {{"w", &wq}, {"scales", &scales}, {"biases", &biases}});
-  TORCH_CHECK_VALUE(wq.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K*bits/32), but it has ",
-                    wq.dim(), ".");
-  c10::SymInt K = wq.sym_size(-1) * 32 / bits;
-  TORCH_CHECK_VALUE(K * bits == wq.sym_size(-1) * 32 && K % group_size == 0, "[", op, "] w of shape ", shape_str(wq), " holds ", wq.sym_size(-1), " uint32 words per row, which is not a whole number of groups of ", group_size, " ", bits, "-bit values.");
-  auto expected = wq.sym_sizes().vec();
-  expected.back() = K / group_size;
-  TORCH_CHECK_VALUE(scales.sym_sizes() == c10::SymIntArrayRef(expected), "[", op, "] w of shape ", shape_str(wq),
-                    " packs K=", K, " values per row at bits=", bits, ", so scales and biases must have shape ",
-                    c10::SymIntArrayRef(expected), " for group_size=", group_size, ", but scales has shape ",
-                    shape_str(scales), ".");
-  return K;
+  return dequantize_shape(op, "scales and biases", wq, scales, group_size, bits);
 }
 
 
@@ -208,7 +217,7 @@ QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK_VALUE(scales.dim() == w.dim() && scales.sym_sizes().slice(0, w.dim() - 2) == w_batch, "[", op,
                     "] Weight and scales should have the same batch shape. Received weight with shape ",
                     shape_str(w), ", scales with ", shape_str(scales), ".");
-  QmmShape shape = check_qmm_matrix(op, x, w, scales, group_size, bits, transpose);
+  QmmShape shape = check_qmm_matrix(op, "scales and biases", x, w, scales, group_size, bits, transpose);
   // A 2-D w serves every leading dimension of x. A batch of weights broadcasts its batch dimensions
   // against those of x [..., M, K], right-aligned (a 1-D x is one row, dropped from the output).
   if (w.dim() == 2) {
@@ -258,7 +267,7 @@ GatherQmmShape check_affine_gather_qmm(const at::Tensor& x, const at::Tensor& w,
                     shape_str(x), ".");
   TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, words), but got w with shape ",
                     shape_str(w), ".");
-  const QmmShape qmm = check_qmm_matrix(op, x, w, scales, group_size, bits, transpose);
+  const QmmShape qmm = check_qmm_matrix(op, "scales and biases", x, w, scales, group_size, bits, transpose);
   const auto x_batch = x.sym_sizes().slice(0, x.dim() - 2), w_batch = w.sym_sizes().slice(0, w.dim() - 2);
   GatherQmmShape shape;
   shape.batch = broadcast_index_shapes(
@@ -278,6 +287,77 @@ std::pair<at::Tensor, at::Tensor> gather_index_pairs(const GatherQmmShape& shape
                                                      const at::Tensor& x, const at::Tensor& w) {
   return {flat_gather_indices(shape, lhs_indices, "lhs_indices", x, "x"),
           flat_gather_indices(shape, rhs_indices, "rhs_indices", w, "w")};
+}
+
+// ---- floating-point modes --------------------------------------------------------------------
+
+namespace {
+
+void check_fp_scales(const char* op, const at::Tensor& scales) {
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kByte, "[", op, "] Scale type must be uint8 but received type ",
+                   scales.scalar_type(), ".");
+}
+
+void check_global_scale(const char* op, int mode, const std::optional<at::Tensor>& global_scale, const at::Tensor& w) {
+  if (!global_scale) return;
+  TORCH_CHECK_VALUE(mode == kNvfp4, "[", op, "] Global scale is only supported for 'nvfp4' quantization mode.");
+  TORCH_CHECK_VALUE(global_scale->sym_numel() == 1, "[", op, "] Global scale must be a scalar but got shape ",
+                    shape_str(*global_scale), ".");
+  TORCH_CHECK_TYPE(global_scale->scalar_type() == at::kFloat, "[", op,
+                   "] Global scale must have dtype float32 but got ", global_scale->scalar_type(), ".");
+  check_same_device(op, {{"w", &w}, {"global_scale", &*global_scale}});
+}
+
+}  // namespace
+
+int check_fp_mode(const char* op, c10::string_view mode) {
+  if (mode == "mxfp4") return kMxfp4;
+  if (mode == "nvfp4") return kNvfp4;
+  if (mode == "mxfp8") return kMxfp8;
+  TORCH_CHECK_VALUE(false, "[", op, "] Invalid quantization mode '", std::string(mode),
+                    "'. The floating-point modes are 'mxfp4', 'nvfp4' and 'mxfp8' (affine uses the affine_* ops).");
+}
+
+void check_fp_quantize(const at::Tensor& w, int mode, const std::optional<at::Tensor>& global_scale) {
+  const char* op = "fp_quantize";
+  TORCH_CHECK_TYPE(is_float(w), "[", op, "] only float32, float16 and bfloat16 weights can be quantized, but w has dtype ",
+                   w.scalar_type(), ".");
+  TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K), but it has ", w.dim(), ".");
+  const int group_size = fp_group_size(mode);
+  TORCH_CHECK_VALUE(w.sym_size(-1) % group_size == 0, "[", op,
+                    "] The last dimension of the matrix needs to be divisible by the quantization group size ",
+                    group_size, ". However the provided matrix has shape ", shape_str(w), ".");
+  check_global_scale(op, mode, global_scale, w);
+}
+
+c10::SymInt check_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, int mode,
+                                const std::optional<at::Tensor>& global_scale) {
+  const char* op = "fp_dequantize";
+  check_packed(op, wq);
+  check_fp_scales(op, scales);
+  check_same_device(op, {{"w", &wq}, {"scales", &scales}});
+  check_global_scale(op, mode, global_scale, wq);
+  return dequantize_shape(op, "scales", wq, scales, fp_group_size(mode), fp_bits(mode));
+}
+
+at::ScalarType fp_dequantize_dtype(std::optional<at::ScalarType> dtype, const std::optional<at::Tensor>& global_scale) {
+  const auto out = dtype.value_or(global_scale ? at::kFloat : at::kBFloat16);
+  TORCH_CHECK_TYPE(out == at::kFloat || out == at::kHalf || out == at::kBFloat16,
+                   "[fp_dequantize] Only real floating types are supported but output dtype == ", out, ".");
+  return out;
+}
+
+QmmShape check_fp_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int mode,
+                      const std::optional<at::Tensor>& global_scale, bool transpose) {
+  TORCH_CHECK_TYPE(is_float(x), "[", op, "] x must be float32, float16 or bfloat16, got ", x.scalar_type(), ".");
+  check_packed(op, w);
+  check_fp_scales(op, scales);
+  check_same_device(op, {{"x", &x}, {"w", &w}, {"scales", &scales}});
+  check_global_scale(op, mode, global_scale, w);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
+  TORCH_CHECK_VALUE(w.dim() == 2, "[", op, "] w must be 2-D, got shape ", shape_str(w), ".");
+  TORCH_CHECK_VALUE(scales.dim() == 2, "[", op, "] scales must be 2-D, got shape ", shape_str(scales), ".");
+  return check_qmm_matrix(op, "scales", x, w, scales, fp_group_size(mode), fp_bits(mode), transpose);
 }
 
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <utility>
@@ -26,7 +27,7 @@ void check_format(const char* op, int64_t group_size, int64_t bits);
 void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits);
 
 // Data-dependent part of the quantize rules (real tensors only, not Meta): every value finite.
-void check_finite_weights(const at::Tensor& w);
+void check_finite_weights(const at::Tensor& w, const char* op = "affine_quantize");
 
 // Returns the unpacked last dimension K = wq.size(-1) * 32 / bits.
 c10::SymInt check_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
@@ -61,6 +62,25 @@ std::pair<at::Tensor, at::Tensor> gather_index_pairs(const GatherQmmShape& shape
                                                      const std::optional<at::Tensor>& lhs_indices,
                                                      const std::optional<at::Tensor>& rhs_indices,
                                                      const at::Tensor& x, const at::Tensor& w);
+
+// ---- MLX's floating-point modes (metal/fp_format.h): mxfp4, nvfp4, mxfp8 -------------------------
+
+// The FpMode of a mode name; anything else (including "affine") is an error naming the op.
+int check_fp_mode(const char* op, c10::string_view mode);
+
+// w: float (..., R, K) with K a multiple of the mode's group size; global_scale: nvfp4 only, a float32
+// scalar on w's device.
+void check_fp_quantize(const at::Tensor& w, int mode, const std::optional<at::Tensor>& global_scale);
+
+// Returns the unpacked last dimension K = wq.size(-1) * 32 / bits.
+c10::SymInt check_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, int mode,
+                                const std::optional<at::Tensor>& global_scale);
+
+// fp_dequantize's output dtype: `dtype`, else MLX's default: bfloat16, or float32 with a global scale.
+at::ScalarType fp_dequantize_dtype(std::optional<at::ScalarType> dtype, const std::optional<at::Tensor>& global_scale);
+
+QmmShape check_fp_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int mode,
+                      const std::optional<at::Tensor>& global_scale, bool transpose);
 
 // q: uint8 (..., count) with count * bits % 32 == 0. Returns the packed sizes (..., count*bits/32).
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits);

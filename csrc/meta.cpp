@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "fp_format.h"
 
 namespace metalq {
 namespace {
@@ -56,6 +57,39 @@ at::Tensor unpack_meta(const at::Tensor& w, int64_t bits) {
   return at::empty_symint(check_unpack(w, bits), w.options().dtype(at::kByte));
 }
 
+std::tuple<at::Tensor, at::Tensor> fp_quantize_meta(const at::Tensor& w, c10::string_view mode_name,
+                                                    const std::optional<at::Tensor>& global_scale) {
+  const int mode = check_fp_mode("fp_quantize", mode_name);
+  check_fp_quantize(w, mode, global_scale);
+  return {at::empty_symint(packed_sizes(w, fp_bits(mode)), w.options().dtype(at::kUInt32)),
+          at::empty_symint(group_sizes(w, fp_group_size(mode)), w.options().dtype(at::kByte))};
+}
+
+at::Tensor fp_dequantize_meta(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode_name,
+                              const std::optional<at::Tensor>& global_scale, std::optional<at::ScalarType> dtype) {
+  const int mode = check_fp_mode("fp_dequantize", mode_name);
+  auto sizes = wq.sym_sizes().vec();
+  sizes.back() = check_fp_dequantize(wq, scales, mode, global_scale);
+  return at::empty_symint(sizes, wq.options().dtype(fp_dequantize_dtype(dtype, global_scale)));
+}
+
+at::Tensor fp_qmm_meta(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       c10::string_view mode_name, const std::optional<at::Tensor>& global_scale, bool transpose) {
+  auto sizes = x.sym_sizes().vec();
+  sizes.back() = check_fp_qmm(op, x, w, scales, check_fp_mode(op, mode_name), global_scale, transpose).N;
+  return at::empty_symint(sizes, x.options());
+}
+
+at::Tensor fp_qmm_t_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,
+                         const std::optional<at::Tensor>& global_scale) {
+  return fp_qmm_meta("fp_qmm_t", x, w, scales, mode, global_scale, true);
+}
+
+at::Tensor fp_qmm_n_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,
+                         const std::optional<at::Tensor>& global_scale) {
+  return fp_qmm_meta("fp_qmm_n", x, w, scales, mode, global_scale, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalq, Meta, m) {
@@ -66,6 +100,10 @@ TORCH_LIBRARY_IMPL(metalq, Meta, m) {
   m.impl("affine_gather_qmm", &affine_gather_qmm_meta);
   m.impl("pack", &pack_meta);
   m.impl("unpack", &unpack_meta);
+  m.impl("fp_quantize", &fp_quantize_meta);
+  m.impl("fp_dequantize", &fp_dequantize_meta);
+  m.impl("fp_qmm_t", &fp_qmm_t_meta);
+  m.impl("fp_qmm_n", &fp_qmm_n_meta);
 }
 
 }  // namespace metalq

@@ -81,6 +81,13 @@ TORCH_LIBRARY(metalq, m) {
   m.def("affine_gather_qmm(Tensor x, Tensor w, Tensor scales, Tensor biases, Tensor? lhs_indices, "
         "Tensor? rhs_indices, bool transpose, int group_size, int bits, bool sorted_indices) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.def("fp_quantize(Tensor w, str mode, Tensor? global_scale=None) -> (Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
+  m.def("fp_dequantize(Tensor w, Tensor scales, str mode, Tensor? global_scale=None, ScalarType? dtype=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("fp_qmm_t(Tensor x, Tensor w, Tensor scales, str mode, Tensor? global_scale=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("fp_qmm_n(Tensor x, Tensor w, Tensor scales, str mode, Tensor? global_scale=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("pack(Tensor q, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("unpack(Tensor w, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

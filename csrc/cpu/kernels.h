@@ -8,19 +8,28 @@
 
 namespace metalq::cpu {
 
-enum class ScalarKind { f32, f16, bf16 };
+// Storage of scales and biases: a float type (affine), or one byte per scale (the fp modes, which
+// have no biases): E8M0 = 2^(b - 127), E4M3 = an 8-bit float (metal/fp_format.h).
+enum class ScalarKind { f32, f16, bf16, e8m0, e4m3 };
+
+// What a packed value stands for: an unsigned integer (affine), or an E2M1 / E4M3 float code.
+enum class ValueCode { uint, e2m1, e4m3 };
 
 // A packed matrix [rows, cols] quantized along cols: row r holds cols values of `bits` bits,
-// LSB-first, and one (scale, bias) pair per `group_size` values, stored as `kind`.
+// LSB-first, and one scale (and for affine one bias) per `group_size` values, stored as `kind`.
+// The fp codes decode to integers (E2M1 doubled, E4M3 in units of 2^-9): `value_scale` turns them
+// back into values and carries nvfp4's global scale, so the kernels multiply it once per output.
 struct PackedMatrix {
   const uint8_t* w;
   const void* scales;
-  const void* biases;
+  const void* biases;  // null for the fp codes
   ScalarKind kind;
   int64_t rows;
   int64_t cols;
   int bits;
   int group_size;
+  ValueCode code = ValueCode::uint;
+  float value_scale = 1.0f;
   int64_t row_bytes() const { return cols * bits / 8; }
   const uint8_t* end() const { return w + rows * row_bytes(); }
   int64_t groups_per_row() const { return cols / group_size; }
@@ -44,13 +53,15 @@ struct KernelTable {
   void (*qmm_t)(const PackedMatrix& W, const float* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
   // y[m, n] = sum_k x[m, k] * W[k, n] for n in [n0, n1); x is [M, W.rows], y is [M, W.cols].
   void (*qmm_n)(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1);
-  // Rows [r0, r1) of W dequantized as scale * q + bias (one float rounding) into out[(r - r0) * cols].
+  // Rows [r0, r1) of W dequantized as scale * q + bias (one float rounding; times value_scale for the
+  // fp codes) into out[(r - r0) * cols].
   void (*dequantize_f32)(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
   void (*dequantize_bf16)(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
   // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
   // K / group_size float scales and biases.
   void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
-  // The bfloat16 product for these bits, or null where this variant has none (then x runs in float).
+  // The bfloat16 product for these bits of the affine format, or null where this variant has none
+  // (then x runs in float).
   const Bf16QmmT* (*bf16_qmm_t)(int bits);
 };
 

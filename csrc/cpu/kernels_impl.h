@@ -10,6 +10,7 @@
 #include <cstring>
 #include <utility>
 
+#include "fp_format.h"
 #include "kernels.h"
 #include "params.h"
 
@@ -48,8 +49,50 @@ METALQ_FN inline float to_float(const void* p, int64_t i) {
     float f;
     std::memcpy(&f, &bits, 4);
     return f;
-  } else {
+  } else if constexpr (K == ScalarKind::f16) {
     return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+  } else if constexpr (K == ScalarKind::e8m0) {
+    return e8m0_value(static_cast<const uint8_t*>(p)[i]);
+  } else {
+    return e4m3_value(static_cast<const uint8_t*>(p)[i]);
+  }
+}
+
+// Packed codes to the numbers the kernels multiply: the integer itself (affine), the E2M1 value
+// doubled, or the E4M3 value in units of 2^-9; PackedMatrix::value_scale undoes the last two.
+template <ValueCode C>
+METALQ_FN inline float decode_code(uint32_t q) {
+  if constexpr (C == ValueCode::uint) {
+    return float(q);
+  } else if constexpr (C == ValueCode::e2m1) {
+    return 2.0f * e2m1_value(q);
+  } else {
+    const float v = float(e4m3_magnitude_units(q));
+    return (q & 0x80u) ? -v : v;
+  }
+}
+
+template <ValueCode C>
+METALQ_FN inline fvec decode_codes(uvec q) {
+  if constexpr (C == ValueCode::uint) {
+    return __builtin_convertvector((ivec)q, fvec);
+  } else {
+    uvec magnitude, sign;
+    if constexpr (C == ValueCode::e2m1) {
+      magnitude = ((uvec{} + kE2M1Doubled) >> ((q & 7u) * 4u)) & 15u;
+      sign = (q & 8u) << 28;
+    } else {
+      const uvec e = (q >> 3) & 15u, m = q & 7u;
+      const uvec shift = (e > 0u ? e : uvec{} + 1u) - 1u;
+      magnitude = (uvec)(e == 0u ? m : (m | 8u) << shift);
+      sign = (q & 0x80u) << 24;
+    }
+    fvec v = __builtin_convertvector((ivec)magnitude, fvec);
+    uvec bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits |= sign;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
   }
 }
 
@@ -65,8 +108,9 @@ METALQ_FN inline uint32_t extract(const uint8_t* row, int64_t k, int bits) {
 // value lane_value(t, j) of the block; callers permute x once instead of shuffling every weight.
 
 // Powers of two: one uint32 word per lane, sub-vector t takes each word's t-th field.
-template <int BITS>
+template <int BITS, ValueCode C>
 struct WordDecoder {
+  static constexpr ValueCode kCode = C;
   static constexpr int kPerWord = 32 / BITS;
   static constexpr int kValues = VW * kPerWord;
   static constexpr int kBytes = VW * 4;
@@ -80,14 +124,15 @@ struct WordDecoder {
     return w;
   }
   METALQ_FN static fvec sub(const Raw& w, int t) {
-    return __builtin_convertvector((ivec)((w >> (uint32_t)(t * BITS)) & ((1u << BITS) - 1)), fvec);
+    return decode_codes<C>((w >> (uint32_t)(t * BITS)) & ((1u << BITS) - 1));
   }
 };
 
 // Any width: VW consecutive values from VW*BITS/8 bytes. One byte shuffle gives each 32-bit lane the
 // two bytes its value starts in (the upper two are don't-care: the shift is < 8 and the mask drops them).
-template <int BITS>
+template <int BITS, ValueCode C>
 struct ByteDecoder {
+  static constexpr ValueCode kCode = C;
   static constexpr int kValues = VW;
   static constexpr int kBytes = VW * BITS / 8;
   static constexpr int kSub = 1;
@@ -114,13 +159,13 @@ struct ByteDecoder {
     std::memcpy(&words, &lanes, sizeof words);
     uvec shifts;
     for (int j = 0; j < VW; ++j) shifts[j] = (j * BITS) % 8;
-    return __builtin_convertvector((ivec)((words >> shifts) & ((1u << BITS) - 1)), fvec);
+    return decode_codes<C>((words >> shifts) & ((1u << BITS) - 1));
   }
   METALQ_FN static fvec sub(const Raw& q, int) { return q; }
 };
 
-template <int BITS>
-using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS>, ByteDecoder<BITS>>;
+template <int BITS, ValueCode C>
+using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS, C>, ByteDecoder<BITS, C>>;
 
 // Per-lane scales of block b of row `row` when a block spans several groups: lane j starts at value
 // j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes.
@@ -214,12 +259,16 @@ METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scr
   float r[MR];
   for (int m = 0; m < MR; ++m) r[m] = hsum(acc[m]);
   for (int64_t k = blocks * D::kValues; k < K; ++k) {
-    float sq = to_float<SK>(W.scales, n * G + k / W.group_size) * float(extract(wrow, k, W.bits));
+    float sq = to_float<SK>(W.scales, n * G + k / W.group_size) * decode_code<D::kCode>(extract(wrow, k, W.bits));
     for (int m = 0; m < MR; ++m) r[m] += scratch[m * stride + k] * sq;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float bias = to_float<SK>(W.biases, n * G + g);
-    for (int m = 0; m < MR; ++m) r[m] += bias * scratch[m * stride + K + g];
+  if constexpr (D::kCode == ValueCode::uint) {
+    for (int64_t g = 0; g < G; ++g) {
+      float bias = to_float<SK>(W.biases, n * G + g);
+      for (int m = 0; m < MR; ++m) r[m] += bias * scratch[m * stride + K + g];
+    }
+  } else {
+    for (int m = 0; m < MR; ++m) r[m] *= W.value_scale;
   }
   for (int m = 0; m < MR; ++m) out[m] = r[m];
 }
@@ -273,7 +322,7 @@ METALQ_FN void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, floa
         for (int t = 0; t < D::kSub; ++t)
           for (int j = 0; j < VW; ++j) ym[n + D::lane_value(t, j)] = acc[t][j];
         // Bias term, once per group of the block: sum_k x_k b[k, g].
-        for (int64_t g = n / W.group_size; g * W.group_size < n + D::kValues; ++g) {
+        for (int64_t g = n / W.group_size; D::kCode == ValueCode::uint && g * W.group_size < n + D::kValues; ++g) {
           float bsum = 0.f;
           for (int64_t k = 0; k < K; ++k) bsum += xm[k] * to_float<SK>(W.biases, k * G + g);
           const int64_t lo = g * W.group_size > n ? g * W.group_size : n;
@@ -284,13 +333,20 @@ METALQ_FN void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, floa
       } else {
         float acc = 0.f;
         const int64_t g = n / W.group_size;
-        for (int64_t k = 0; k < K; ++k)
-          acc += xm[k] * (to_float<SK>(W.scales, k * G + g) * float(extract(W.w + k * rb, n, W.bits)) +
-                          to_float<SK>(W.biases, k * G + g));
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = to_float<SK>(W.scales, k * G + g) * decode_code<D::kCode>(extract(W.w + k * rb, n, W.bits));
+          if constexpr (D::kCode == ValueCode::uint) {
+            acc += xm[k] * (v + to_float<SK>(W.biases, k * G + g));
+          } else {
+            acc += xm[k] * v;
+          }
+        }
         ym[n] = acc;
         ++n;
       }
     }
+    if constexpr (D::kCode != ValueCode::uint)
+      for (int64_t c = n0; c < n1; ++c) ym[c] *= W.value_scale;
   }
 }
 
@@ -305,15 +361,22 @@ METALQ_FN inline void store(uint16_t* out, fvec v) {  // round to nearest even, 
   for (int j = 0; j < VW; ++j) out[j] = uint16_t(u[j]);
 }
 
-template <int BITS, ScalarKind SK, class Out>
+template <int BITS, ValueCode C, ScalarKind SK, class Out>
 METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
-  using D = ByteDecoder<BITS>;
+  using D = ByteDecoder<BITS, C>;
   const int64_t G = W.groups_per_row(), per_group = W.group_size / D::kValues;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wrow = W.w + r * W.row_bytes();
     Out* orow = out + (r - r0) * W.cols;
     for (int64_t g = 0; g < G; ++g) {
-      fvec s = splat(to_float<SK>(W.scales, r * G + g)), bias = splat(to_float<SK>(W.biases, r * G + g));
+      fvec s, bias;
+      if constexpr (C == ValueCode::uint) {
+        s = splat(to_float<SK>(W.scales, r * G + g));
+        bias = splat(to_float<SK>(W.biases, r * G + g));
+      } else {
+        s = splat(to_float<SK>(W.scales, r * G + g) * W.value_scale);
+        bias = fvec{};
+      }
       for (int64_t i = 0; i < per_group; ++i) {
         const int64_t blk = g * per_group + i;
         store(orow + blk * D::kValues, s * D::load(wrow + blk * D::kBytes, W.end()) + bias);
@@ -382,14 +445,21 @@ METALQ_FN void quantize_row(const float* w, int64_t K, int group_size, int bits,
 
 // ---- the table: bits and scale kind become template arguments here ------------------------------
 
-template <template <int, ScalarKind> class F, class... Args>
+template <template <int, ValueCode, ScalarKind> class F, class... Args>
 METALQ_FN void dispatch(const PackedMatrix& W, Args... args) {
+  // The fp modes: mxfp4 (E2M1, E8M0 scales), nvfp4 (E2M1, E4M3 scales), mxfp8 (E4M3, E8M0 scales).
+  if (W.code == ValueCode::e4m3) return F<8, ValueCode::e4m3, ScalarKind::e8m0>::run(W, args...);
+  if (W.code == ValueCode::e2m1) {
+    if (W.kind == ScalarKind::e4m3) return F<4, ValueCode::e2m1, ScalarKind::e4m3>::run(W, args...);
+    return F<4, ValueCode::e2m1, ScalarKind::e8m0>::run(W, args...);
+  }
   auto by_kind = [&](auto bits_tag) {
     constexpr int B = decltype(bits_tag)::value;
+    constexpr ValueCode U = ValueCode::uint;
     switch (W.kind) {
-      case ScalarKind::f32: return F<B, ScalarKind::f32>::run(W, args...);
-      case ScalarKind::f16: return F<B, ScalarKind::f16>::run(W, args...);
-      case ScalarKind::bf16: return F<B, ScalarKind::bf16>::run(W, args...);
+      case ScalarKind::f32: return F<B, U, ScalarKind::f32>::run(W, args...);
+      case ScalarKind::f16: return F<B, U, ScalarKind::f16>::run(W, args...);
+      default: return F<B, U, ScalarKind::bf16>::run(W, args...);
     }
   };
   switch (W.bits) {
@@ -403,31 +473,31 @@ METALQ_FN void dispatch(const PackedMatrix& W, Args... args) {
   }
 }
 
-template <int B, ScalarKind SK>
+template <int B, ValueCode C, ScalarKind SK>
 struct QmmT {
   METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-    qmm_t_rows<FastDecoder<B>, SK>(W, x, M, y, ldy, n0, n1);
+    qmm_t_rows<FastDecoder<B, C>, SK>(W, x, M, y, ldy, n0, n1);
   }
 };
-template <int B, ScalarKind SK>
+template <int B, ValueCode C, ScalarKind SK>
 struct PrepareX {
   METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* scratch) {
-    prepare_x<FastDecoder<B>>(W, x, M, scratch);
+    prepare_x<FastDecoder<B, C>>(W, x, M, scratch);
   }
 };
-template <int B, ScalarKind SK>
+template <int B, ValueCode C, ScalarKind SK>
 struct QmmN {
   METALQ_FN static void run(const PackedMatrix& W, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
-    qmm_n_cols<FastDecoder<B>, SK>(W, x, M, y, n0, n1);
+    qmm_n_cols<FastDecoder<B, C>, SK>(W, x, M, y, n0, n1);
   }
 };
-template <int B, ScalarKind SK>
+template <int B, ValueCode C, ScalarKind SK>
 struct DequantizeF32 {
-  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize_rows<B, C, SK>(W, r0, r1, out); }
 };
-template <int B, ScalarKind SK>
+template <int B, ValueCode C, ScalarKind SK>
 struct DequantizeBF16 {
-  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize_rows<B, SK>(W, r0, r1, out); }
+  METALQ_FN static void run(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize_rows<B, C, SK>(W, r0, r1, out); }
 };
 
 }  // namespace

@@ -13,9 +13,13 @@
 #include "../plan.h"
 #include "kernels.h"
 #include "params.h"
+#include "quantized.h"
 
 namespace metalq {
 namespace {
+
+using cpu::pack_row;
+using cpu::unpack_row;
 
 // From this many rows of x on, dequantizing tiles of W into a BLAS GEMM beats the fused kernels,
 // whose cost grows with every row (see benchmarks/bench_qmm.py).
@@ -45,37 +49,6 @@ cpu::PackedMatrix packed_matrix(const at::Tensor& w, const at::Tensor& scales, c
 }
 
 // ---- pack / unpack: the LSB-first bitstream of MLX's format -------------------------------------
-
-// Packs `count` values of `bits` bits (count * bits is a multiple of 32) into words.
-template <class Q>
-void pack_row(const Q* q, int64_t count, int bits, uint32_t* words) {
-  uint64_t acc = 0;
-  int filled = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    acc |= uint64_t(q[i]) << filled;
-    filled += bits;
-    if (filled >= 32) {
-      *words++ = uint32_t(acc);
-      acc >>= 32;
-      filled -= 32;
-    }
-  }
-}
-
-void unpack_row(const uint32_t* words, int64_t count, int bits, uint8_t* q) {
-  const uint64_t mask = (uint64_t(1) << bits) - 1;
-  uint64_t acc = 0;
-  int avail = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    if (avail < bits) {
-      acc |= uint64_t(*words++) << avail;
-      avail += 32;
-    }
-    q[i] = uint8_t(acc & mask);
-    acc >>= bits;
-    avail -= bits;
-  }
-}
 
 at::Tensor pack_cpu(const at::Tensor& q, int64_t bits) {
   const auto sym_sizes = check_pack(q, bits);
@@ -234,13 +207,14 @@ struct RowBlock {
 
 // y = x @ W.T for every block: x [rows, K], returns float32 [rows, N]. One parallel region over
 // (block, tile of N), so each W is read once and small blocks still spread over the threads.
-at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x, int bits) {
+at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x) {
   const auto& k = cpu::kernels();
-  const int64_t N = blocks.front().W.rows;
+  const cpu::PackedMatrix& W = blocks.front().W;  // every block has W's format
+  const int64_t N = W.rows;
   // bfloat16 activations keep bfloat16 dot products where this CPU has them, and a bfloat16 GEMM
   // (as a dense bfloat16 linear would); others run in float32.
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
-  const cpu::Bf16QmmT* bf16 = bf16_x ? k.bf16_qmm_t(bits) : nullptr;
+  const cpu::Bf16QmmT* bf16 = bf16_x && W.code == cpu::ValueCode::uint ? k.bf16_qmm_t(W.bits) : nullptr;
   const auto x_fused = x.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
   const auto x_gemm = x.to(bf16_x ? at::kBFloat16 : at::kFloat).contiguous();
   std::vector<at::Tensor> scratch(blocks.size());  // x laid out for the decoder, per fused block
@@ -317,6 +291,25 @@ at::Tensor blocks_qmm_n(const std::vector<RowBlock>& blocks, const at::Tensor& x
   return y;
 }
 
+}  // namespace
+
+namespace cpu {
+
+at::Tensor packed_qmm(const PackedMatrix& W, const at::Tensor& x, int64_t N, bool transpose) {
+  const int64_t K = x.size(-1);
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  if (x.numel() == 0 || K == 0) return at::zeros(out_sizes, x.options());
+  auto x2 = x.reshape({-1, K});
+  const std::vector<RowBlock> all_rows{{W, 0, x2.size(0)}};
+  const auto y = transpose ? blocks_qmm_t(all_rows, x2) : blocks_qmm_n(all_rows, x2);
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+}  // namespace cpu
+
+namespace {
+
 at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
@@ -346,7 +339,7 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
   // x as the rows of y in order: a copy only where a batch dimension broadcasts x.
   const at::Tensor x_rows = x_in_order ? ops.x.view({-1, K})
                                        : ops.x.view({-1, M, K}).index_select(0, at::tensor(x_matrices)).view({-1, K});
-  const auto y = transpose ? blocks_qmm_t(blocks, x_rows, int(bits)) : blocks_qmm_n(blocks, x_rows);
+  const auto y = transpose ? blocks_qmm_t(blocks, x_rows) : blocks_qmm_n(blocks, x_rows);
   return y.to(x.scalar_type()).view(out_sizes);
 }
 
@@ -399,7 +392,7 @@ at::Tensor affine_gather_qmm_cpu(const at::Tensor& x, const at::Tensor& w, const
     }
     blocks.back().rows += M;
   }
-  auto y = (transpose ? blocks_qmm_t(blocks, xs, int(bits)) : blocks_qmm_n(blocks, xs))
+  auto y = (transpose ? blocks_qmm_t(blocks, xs) : blocks_qmm_n(blocks, xs))
                .to(x.scalar_type()).view({items, M, N});
   if (order.defined()) y = at::empty_like(y).index_copy_(0, order, y);
   return y.view(out_sizes);

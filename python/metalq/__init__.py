@@ -1,4 +1,4 @@
-"""metalq: MLX-format affine low-bit quantized matmul for PyTorch.
+"""metalq: MLX-format low-bit quantized matmul for PyTorch (affine and mxfp4 / nvfp4 / mxfp8 modes).
 
 Metal kernels on Apple-silicon GPUs (MPS) and fast vectorised kernels on CPU, for weights packed
 exactly as MLX and transformers' ``MetalConfig`` pack them.
@@ -12,6 +12,10 @@ from .ops import (
     affine_qmm_n,
     affine_qmm_t,
     affine_quantize,
+    fp_dequantize,
+    fp_qmm_n,
+    fp_qmm_t,
+    fp_quantize,
     pack,
     unpack,
 )
@@ -28,6 +32,10 @@ __all__ = [
     "affine_qmm_t",
     "affine_qmm_n",
     "affine_gather_qmm",
+    "fp_quantize",
+    "fp_dequantize",
+    "fp_qmm_t",
+    "fp_qmm_n",
     "pack",
     "unpack",
     "MetalConfig",

@@ -4,8 +4,15 @@ The format is MLX's "affine" mode: a float matrix ``W`` of shape ``(..., rows, K
 ``group_size`` consecutive values along its last axis; each group stores ``scale`` and ``bias`` and each
 value an unsigned ``bits``-bit integer ``q`` so that ``W ≈ scale * q + bias``. The integers are packed
 LSB-first into ``uint32`` words, ``K * bits / 32`` words per row.
+
+The floating-point modes ``"mxfp4"``, ``"nvfp4"`` and ``"mxfp8"`` (the ``fp_*`` ops) store E2M1 (4-bit)
+or E4M3 (8-bit) floats instead, packed the same way, and one ``uint8`` scale per group and no biases:
+E8M0 (a power of two) per 32 values for the mx modes, E4M3 per 16 values for nvfp4, which may also
+take a float32 ``global_scale`` (values are multiplied by ``global_scale / (448 * 6)``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -140,6 +147,83 @@ def affine_gather_qmm(
                                   sorted_indices)
 
 
+def fp_quantize(w: torch.Tensor, mode: str, global_scale: Optional[torch.Tensor] = None):
+    """Quantize ``w`` in a floating-point mode, bit-identically to ``mx.quantize(w, mode=mode)`` (mlx 0.32).
+
+    Args:
+        w: ``(..., rows, K)`` float32, float16 or bfloat16, finite; ``K`` a multiple of the group size
+            (32 for ``"mxfp4"`` and ``"mxfp8"``, 16 for ``"nvfp4"``).
+        mode: ``"mxfp4"``, ``"nvfp4"`` or ``"mxfp8"``.
+        global_scale: ``"nvfp4"`` only: a float32 scalar tensor; group scales are then stored relative to
+            ``global_scale / (448 * 6)``.
+
+    Returns:
+        ``(wq, scales)``: ``wq`` uint32 ``(..., rows, K*bits/32)`` (bits 4, or 8 for mxfp8); ``scales``
+        uint8 ``(..., rows, K/group_size)``.
+
+    Example:
+        >>> wq, scales = metalq.fp_quantize(torch.randn(256, 512), "mxfp4")
+    """
+    return _ops.fp_quantize(w, mode, global_scale)
+
+
+def fp_dequantize(
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    mode: str,
+    global_scale: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The float weight of a floating-point-mode matrix, bit-identical to ``mx.dequantize(..., mode=mode)``.
+
+    Args:
+        wq: uint32 ``(..., rows, K*bits/32)``; scales: uint8 ``(..., rows, K/group_size)``.
+        mode, global_scale: as given to :func:`fp_quantize`.
+        dtype: output dtype; by default bfloat16 as in MLX, or float32 with a ``global_scale`` (MLX
+            promotes to the global scale's dtype). An explicit dtype rounds the float32 value once.
+
+    Returns:
+        ``(..., rows, K)``.
+    """
+    return _ops.fp_dequantize(wq, scales, mode, global_scale, dtype)
+
+
+def fp_qmm_t(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    mode: str,
+    global_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ dequantize(w).T`` for a floating-point-mode weight (``mx.quantized_matmul(..., transpose=True)``).
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16.
+        w: uint32 ``(N, K*bits/32)``, packed along K; scales: uint8 ``(N, K/group_size)``.
+        mode, global_scale: as given to :func:`fp_quantize`.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+    """
+    return _ops.fp_qmm_t(x, w, scales, mode, global_scale)
+
+
+def fp_qmm_n(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    mode: str,
+    global_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ dequantize(w)`` for a floating-point-mode weight ``(K, N)`` packed along N (the gradient of
+    :func:`fp_qmm_t` with respect to x).
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+    """
+    return _ops.fp_qmm_n(x, w, scales, mode, global_scale)
+
+
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 values ``q`` (``(..., count)``, each ``< 2**bits``) into uint32 ``(..., count*bits/32)``, LSB-first."""
     return _ops.pack(q, bits)
@@ -219,3 +303,37 @@ torch.library.register_autograd("metalq::affine_qmm_t", _qmm_t_backward, setup_c
 torch.library.register_autograd("metalq::affine_qmm_n", _qmm_n_backward, setup_context=_setup_qmm_context)
 torch.library.register_autograd("metalq::affine_gather_qmm", _gather_qmm_backward,
                                 setup_context=_setup_gather_qmm_context)
+
+
+
+
+def _setup_fp_qmm_context(ctx, inputs, output):
+    _, w, scales, mode, global_scale = inputs
+    ctx.save_for_backward(w, scales, global_scale)
+    ctx.mode = mode
+
+
+def _reject_fp_weight_grads(ctx):
+    if any(ctx.needs_input_grad[1:]):  # w, scales, global_scale (mode is a string)
+        raise RuntimeError(
+            "metalq: no gradient with respect to the quantized weight, scales or global scale; they are frozen "
+            "(train an adapter such as LoRA on top, or dequantize the layer first)."
+        )
+
+
+def _fp_qmm_backward(transposed_op):
+    def backward(ctx, grad):
+        _reject_fp_weight_grads(ctx)
+        w, scales, global_scale = ctx.saved_tensors
+        grad_x = transposed_op(grad, w, scales, ctx.mode, global_scale) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "metalq::fp_qmm_t", _fp_qmm_backward(_ops.fp_qmm_n), setup_context=_setup_fp_qmm_context
+)
+torch.library.register_autograd(
+    "metalq::fp_qmm_n", _fp_qmm_backward(_ops.fp_qmm_t), setup_context=_setup_fp_qmm_context
+)
