@@ -43,6 +43,19 @@ PYBIND11_MODULE(_C, m) {
     metalq::check_affine_dequantize(wq, scales, biases, group_size, bits);
     return plan_to_python(metalq::plan_affine_dequantize(wq, scales, biases, out, group_size, bits));
   });
+  m.def("fp_kernel_name", &metalq::fp_kernel_name, "Host name of an fp-mode Metal kernel (mode: FpMode number).");
+  m.def("plan_fp_quantize", [](const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
+                               const std::string& mode_name, const std::optional<at::Tensor>& global_scale) {
+    const int mode = metalq::check_fp_mode("fp_quantize", mode_name);
+    metalq::check_fp_quantize(w, mode, global_scale);
+    return plan_to_python(metalq::plan_fp_quantize(w, wq, scales, mode, global_scale));
+  });
+  m.def("plan_fp_dequantize", [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& out,
+                                 const std::string& mode_name, const std::optional<at::Tensor>& global_scale) {
+    const int mode = metalq::check_fp_mode("fp_dequantize", mode_name);
+    metalq::check_fp_dequantize(wq, scales, mode, global_scale);
+    return plan_to_python(metalq::plan_fp_dequantize(wq, scales, out, mode, global_scale));
+  });
   m.def("plan_affine_qmm", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                               const at::Tensor& biases, const at::Tensor& out, int64_t group_size, int64_t bits,
                               bool transpose) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "fp_format.h"
 #include "params.h"
 
 namespace metalq {
@@ -38,9 +39,11 @@ std::pair<uint32_t, uint32_t> wrapped_grid(uint64_t work_items) {
   return {uint32_t(x), uint32_t(y)};
 }
 
-DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<BufferBinding> buffers) {
+// The ElementwiseParams go after the buffers, or at params_index when a buffer slot may stay unbound.
+DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<BufferBinding> buffers,
+                         int params_index = -1) {
   const auto [x, y] = wrapped_grid(work_items);
-  const int params_index = int(buffers.size());
+  if (params_index < 0) params_index = int(buffers.size());
   return DispatchPlan{std::move(kernel),
                       {x, y, 1},
                       {uint32_t(kElementwiseThreads), 1, 1},
@@ -282,6 +285,28 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_INTERNAL_ASSERT(count <= UINT32_MAX, "checks bound the batch count");
   ops.batch.count = uint32_t(count);
   return ops;
+}
+
+std::string fp_kernel_name(const std::string& kernel, int mode, at::ScalarType type, bool has_global) {
+  static const char* const names[] = {"mxfp4", "nvfp4", "mxfp8"};  // indexed by FpMode
+  return "fp_" + kernel + "_" + names[mode] + "_" + metal_type(type) + (has_global ? "_global" : "");
+}
+
+// Buffers 0-2 as below, the global scale at 3 (quantize) or 2 (dequantize) when given, params at 4.
+DispatchPlan plan_fp_quantize(const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales, int mode,
+                              const std::optional<at::Tensor>& global_scale) {
+  std::vector<BufferBinding> buffers{{0, w}, {1, wq}, {2, scales}};
+  if (global_scale) buffers.push_back({3, *global_scale});
+  return elementwise(fp_kernel_name("quantize", mode, w.scalar_type(), global_scale.has_value()),
+                     uint64_t(w.numel() / fp_group_size(mode)), std::move(buffers), 4);
+}
+
+DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& out, int mode,
+                                const std::optional<at::Tensor>& global_scale) {
+  std::vector<BufferBinding> buffers{{0, wq}, {1, scales}, {3, out}};
+  if (global_scale) buffers.push_back({2, *global_scale});
+  return elementwise(fp_kernel_name("dequantize", mode, out.scalar_type(), global_scale.has_value()),
+                     uint64_t(wq.numel()), std::move(buffers), 4);
 }
 
 // The decision tree for every quantized matmul, on the shape alone:

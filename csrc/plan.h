@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -73,6 +74,15 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
 // created here and held by the plans' bindings. An empty output needs no dispatch.
 std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& operands, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose);
+
+// MLX's floating-point modes (metal/fp_format.h FpMode): "fp_<kernel>_<mode>_<type>", plus "_global"
+// for nvfp4 with a global scale; metal/quantized.metal instantiates exactly these names.
+std::string fp_kernel_name(const std::string& kernel, int mode, at::ScalarType type, bool has_global);
+
+DispatchPlan plan_fp_quantize(const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales, int mode,
+                              const std::optional<at::Tensor>& global_scale);
+DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& out, int mode,
+                                const std::optional<at::Tensor>& global_scale);
 
 // The operands of affine_gather_qmm, after check_affine_gather_qmm (checks the index values).
 QmmOperands gather_qmm_operands(const GatherQmmShape& shape, const at::Tensor& x, const at::Tensor& w,

@@ -15,6 +15,7 @@
 #define METALQ_AS_FLOAT(x) as_type<float>(x)
 #define METALQ_RINT(x) metal::rint(x)
 #define METALQ_FABS(x) metal::fabs(x)
+#define METALQ_DIV(a, b) metal::precise::divide(a, b)  // IEEE division, as on the host
 #else
 #include <cmath>
 #include <cstdint>
@@ -23,6 +24,7 @@
 #define METALQ_AS_FLOAT(x) __builtin_bit_cast(float, x)
 #define METALQ_RINT(x) std::rint(x)
 #define METALQ_FABS(x) std::fabs(x)
+#define METALQ_DIV(a, b) ((a) / (b))
 #endif
 
 namespace metalq {
@@ -132,7 +134,7 @@ struct FpGroupScale {
 // amax: max |w| of the group (a value of T); enc: 448 * 6 / global_scale, or 1 without one.
 template <typename T>
 METALQ_FP_FN FpGroupScale fp_group_scale(int mode, float amax, float enc) {
-  const float s = float(T(amax / (mode == kMxfp8 ? kE4M3Max : kE2M1Max)));
+  const float s = float(T(METALQ_DIV(amax, mode == kMxfp8 ? kE4M3Max : kE2M1Max)));
   if (mode == kNvfp4) {
     const uint32_t code = e4m3_encode(s * enc);
     return FpGroupScale{code, float(T(e4m3_value(code)))};
@@ -143,7 +145,7 @@ METALQ_FP_FN FpGroupScale fp_group_scale(int mode, float amax, float enc) {
 
 template <typename T>
 METALQ_FP_FN uint32_t fp_encode_value(int mode, float w, FpGroupScale scale, float enc) {
-  const float y = float(T(w / scale.divisor)) * enc;
+  const float y = float(T(METALQ_DIV(w, scale.divisor))) * enc;
   return mode == kMxfp8 ? e4m3_encode(y) : e2m1_encode(y);
 }
 

@@ -1,6 +1,7 @@
 // Instantiations of the kernels in quantized.h: the support table. Host names follow
 // metalq::kernel_name() in csrc/plan.cpp: affine_<kernel>_<type>_gs_<group size>_b_<bits>.
 #include "quantized.h"
+#include "fp_quantized.h"
 #include "qmv.h"
 #include "qmm.h"
 
@@ -89,3 +90,19 @@ instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
 instantiate_qmm_types(float)
 instantiate_qmm_types(half)
 instantiate_qmm_types(bfloat)
+
+// Floating-point modes (fp_quantized.h): fp_{quantize,dequantize}_<mode>_<type>[_global] (plan.cpp's
+// fp_kernel_name), the mode as metal/fp_format.h numbers it; only nvfp4 takes a global scale.
+#define instantiate_fp(mode_name, mode, type, has_global, suffix) \
+  instantiate_kernel("fp_quantize_" #mode_name "_" #type suffix, fp_quantize, type, mode, has_global) \
+  instantiate_kernel("fp_dequantize_" #mode_name "_" #type suffix, fp_dequantize, type, mode, has_global)
+
+#define instantiate_fp_types(mode_name, mode, has_global, suffix) \
+  instantiate_fp(mode_name, mode, float, has_global, suffix) \
+  instantiate_fp(mode_name, mode, half, has_global, suffix) \
+  instantiate_fp(mode_name, mode, bfloat, has_global, suffix)
+
+instantiate_fp_types(mxfp4, 0, false, "")
+instantiate_fp_types(nvfp4, 1, false, "")
+instantiate_fp_types(nvfp4, 1, true, "_global")
+instantiate_fp_types(mxfp8, 2, false, "")

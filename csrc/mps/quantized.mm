@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "../plan.h"
+#include "fp_format.h"
 #include "library.h"
 
 namespace metalq {
@@ -74,6 +75,35 @@ at::Tensor affine_gather_qmm_mps(const at::Tensor& x, const at::Tensor& w, const
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> fp_quantize_mps(const at::Tensor& w, c10::string_view mode_name,
+                                                   const std::optional<at::Tensor>& global_scale) {
+  const int mode = check_fp_mode("fp_quantize", mode_name);
+  check_fp_quantize(w, mode, global_scale);
+  check_finite_weights(w, "fp_quantize");
+  auto wc = w.contiguous();
+  auto wq = at::empty_symint(packed_sizes(w, fp_bits(mode)), w.options().dtype(at::kUInt32));
+  auto scales = at::empty_symint(group_sizes(w, fp_group_size(mode)), w.options().dtype(at::kByte));
+  if (w.numel() == 0) return {wq, scales};
+  std::optional<at::Tensor> global;
+  if (global_scale) global = global_scale->contiguous();
+  mps::encode(plan_fp_quantize(wc, wq, scales, mode, global));
+  return {wq, scales};
+}
+
+at::Tensor fp_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode_name,
+                             const std::optional<at::Tensor>& global_scale, std::optional<at::ScalarType> dtype) {
+  const int mode = check_fp_mode("fp_dequantize", mode_name);
+  auto sizes = wq.sym_sizes().vec();
+  sizes.back() = check_fp_dequantize(wq, scales, mode, global_scale);
+  auto wc = wq.contiguous(), sc = scales.contiguous();
+  auto out = at::empty_symint(sizes, wq.options().dtype(fp_dequantize_dtype(dtype, global_scale)));
+  if (out.numel() == 0) return out;
+  std::optional<at::Tensor> global;
+  if (global_scale) global = global_scale->contiguous();
+  mps::encode(plan_fp_dequantize(wc, sc, out, mode, global));
+  return out;
+}
+
 // pack/unpack are bit shuffles for checkpoint I/O, not the hot path: the CPU op, copied back.
 template <class Signature>
 c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
@@ -98,6 +128,8 @@ TORCH_LIBRARY_IMPL(metalq, MPS, m) {
   m.impl("affine_qmm_t", &affine_qmm_t_mps);
   m.impl("affine_qmm_n", &affine_qmm_n_mps);
   m.impl("affine_gather_qmm", &affine_gather_qmm_mps);
+  m.impl("fp_quantize", &fp_quantize_mps);
+  m.impl("fp_dequantize", &fp_dequantize_mps);
   m.impl("pack", &pack_mps);
   m.impl("unpack", &unpack_mps);
 }
