@@ -631,10 +631,16 @@ def test_mlx_lm_unsupported_mode_is_named(llama_dirs, tmp_path):
     directory = tmp_path / "copy"
     shutil.copytree(llama_dirs["gs32"], directory)
     config = json.loads((directory / "config.json").read_text())
-    config["quantization"]["mode"] = "mxfp4"
+    config["quantization"]["mode"] = "int4"
     (directory / "config.json").write_text(json.dumps(config))
     model = meta_llama(llama_dirs["gs32"])
     before = dict(model.named_modules())
-    with pytest.raises(ValueError, match=r"quantization\.mode='mxfp4' is not supported"):
+    with pytest.raises(ValueError, match=r"quantization: Invalid quantization mode 'int4'"):
+        load_quantized(model, directory)
+    assert dict(model.named_modules()) == before
+    # a supported mode that the tensors do not hold (affine scales declared mxfp4) names the tensor
+    config["quantization"]["mode"] = "mxfp4"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"scales.*has dtype torch.float32, expected one of \(torch.uint8,\)"):
         load_quantized(model, directory)
     assert dict(model.named_modules()) == before

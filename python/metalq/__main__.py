@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_MODES
 
 _CONVERT_HELP = """\
 Convert a checkpoint directory, streaming one tensor at a time:
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"bits per weight for a float source (default {DEFAULT_BITS})")
     convert.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                          help=f"weights per scale/bias pair for a float source (default {DEFAULT_GROUP_SIZE})")
+    convert.add_argument("--mode", choices=SUPPORTED_MODES, default=None,
+                         help="MLX quantization mode for a float source (default affine; mxfp4, nvfp4 and mxfp8 "
+                              "fix bits and group size)")
     convert.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                          help="keep matching modules in float: a full name, a prefix ending at a module boundary "
                               "or a suffix such as lm_head (repeatable)")
@@ -65,6 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             to=args.to,
             bits=args.bits,
             group_size=args.group_size,
+            mode=args.mode,
             skip=args.skip,
             embeddings=args.embeddings,
             max_shard_size=args.max_shard_size,

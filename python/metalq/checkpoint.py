@@ -5,6 +5,8 @@ quantized when ``{path}.scales`` is among the tensors.
 
 - ``"metal"``: ``{path}.weight`` uint32, ``{path}.scales``, ``{path}.qbiases``; ``config.json`` carries
   ``quantization_config`` as :meth:`MetalConfig.to_dict` writes it (one bits/group_size for every layer).
+- In MLX's floating-point modes (``mode`` ``"mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) ``scales`` is uint8 and there
+  are no offsets; ``mode`` is recorded in the config (absent means ``"affine"``).
 - ``"mlx"``: the offsets are named ``{path}.biases``; ``config.json`` carries mlx-lm's ``quantization`` block
   (``group_size``, ``bits``, ``mode`` plus per-path overrides) and an identical ``quantization_config``; the
   safetensors metadata is ``{"format": "mlx"}``. ``mlx_lm.load`` reads these directories.
@@ -34,10 +36,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QUANT_METHOD, MetalConfig, check_format
+from .config import QUANT_METHOD, MetalConfig, check_format, resolve_format
 from .linear import MetalLinear
 from .moe import MetalExperts, MetalSwitchLinear, expert_projections
-from .ops import affine_dequantize, affine_quantize
+from .ops import affine_dequantize, affine_quantize, fp_dequantize, fp_quantize
 
 FORMATS = ("metal", "mlx")
 CONFIG_NAME = "config.json"
@@ -190,6 +192,7 @@ def convert_checkpoint(
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: Optional[bool] = None,
+    mode: Optional[str] = None,
 ) -> Path:
     """Convert a checkpoint directory file to file, one tensor in memory at a time (``python -m metalq convert``).
 
@@ -206,13 +209,13 @@ def convert_checkpoint(
     Args:
         source, destination: directories; ``destination`` must not exist unless ``overwrite``.
         to: ``"metal"`` or ``"mlx"``; default: ``"metal"``, or the other spelling for a quantized source.
-        bits, group_size, skip, embeddings: quantization of a float source (default 4 bits, group size 64).
+        bits, group_size, skip, embeddings, mode: quantization of a float source (default ``"affine"`` with 4 bits
+            and group size 64; a floating-point ``mode`` has its own bits and group size).
         max_shard_size, progress: as :func:`save_quantized` (the bar shows by default here).
 
     Returns:
         ``Path(destination)``.
     """
-    from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
     from .quantize import matches_module_name
 
     source = Path(source)
@@ -225,14 +228,15 @@ def convert_checkpoint(
     if to is not None:
         _check_format_name(to)
     limit = parse_size(max_shard_size)
-    if kind is not None and (bits is not None or group_size is not None or skip or embeddings):
-        raise ValueError(f"{source} is already quantized ({kind}); bits, group_size, skip and embeddings apply "
-                         f"only to float checkpoints")
+    if kind is not None and (bits is not None or group_size is not None or skip or embeddings or mode is not None):
+        raise ValueError(f"{source} is already quantized ({kind}); bits, group_size, mode, skip and embeddings "
+                         f"apply only to float checkpoints")
     if kind is None:
         to = to or "metal"
-        bits = DEFAULT_BITS if bits is None else bits
-        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-        check_format("convert", bits, group_size)
+        mode = mode or "affine"
+        bits, group_size = resolve_format("convert", bits, group_size, mode)
+        if embeddings and mode != "affine":
+            raise ValueError(f"convert: embeddings are quantized in affine mode only, not {mode!r}")
         model = _meta_model(source, required=True)
     else:
         to = to or ("mlx" if kind == "metal" else "metal")
@@ -254,7 +258,7 @@ def convert_checkpoint(
                 if refs[f"{fqn}.weight"].shape[-1] % group_size:
                     misfits.append(fqn)
                     continue
-                layers[fqn] = (bits, group_size)
+                layers[fqn] = (bits, group_size, mode)
             if misfits:
                 warnings.warn(f"convert: kept {len(misfits)} layer(s) in float because in_features is not divisible "
                               f"by group_size={group_size}: {', '.join(misfits)}", stacklevel=2)
@@ -303,8 +307,9 @@ def _meta_model(directory: Path, required: bool) -> Optional[nn.Module]:
         return None
 
 
-def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str, tuple[int, int]]:
-    """``(bits, group_size)`` of every module with ``scales`` in a quantized checkpoint, checked against the shapes."""
+def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str, LayerFormat]:
+    """``(bits, group_size, mode)`` of every module with ``scales`` in a quantized checkpoint, checked against the
+    shapes."""
     layers = {}
     for name, scales in refs.items():
         if not name.endswith(".scales"):
@@ -313,15 +318,18 @@ def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str,
         weight = refs.get(f"{path}.weight")
         if weight is None:
             raise ValueError(f"missing tensor {path + '.weight'!r}: {path} has scales")
-        if f"{path}.{_BIASES[scheme.kind]}" not in refs:
-            raise ValueError(f"missing tensor {path + '.' + _BIASES[scheme.kind]!r}: {path} is quantized")
-        bits, group_size = scheme.bits, scheme.group_size
+        bits, group_size, mode = scheme.bits, scheme.group_size, scheme.mode
         if scheme.kind == "mlx" and path in scheme.overrides:
             if scheme.overrides[path] is None:
                 raise ValueError(f"{path} has scales but quantization[{path!r}] is false")
-            bits, group_size = scheme.overrides[path]
-        elif scheme.kind == "mlx" and len(scales.shape) == 2 and scales.shape[1]:
+            bits, group_size, mode = scheme.overrides[path]
+        elif scheme.kind == "mlx" and mode == "affine" and len(scales.shape) == 2 and scales.shape[1]:
             group_size = weight.shape[-1] * 32 // bits // scales.shape[1]  # mlx-lm infers unlisted layers
+        if mode == "affine" and f"{path}.{_BIASES[scheme.kind]}" not in refs:
+            raise ValueError(f"missing tensor {path + '.' + _BIASES[scheme.kind]!r}: {path} is quantized")
+        if (mode == "affine") == (scales.dtype == torch.uint8):
+            raise ValueError(f"tensor {name!r} has dtype {scales.dtype}, which does not fit mode {mode!r} "
+                             f"(uint8 scales are the floating-point modes')")
         columns = weight.shape[-1] * 32 // bits if weight.shape else 0
         if (len(weight.shape) != 2 or len(scales.shape) != 2 or weight.dtype != torch.uint32
                 or columns != scales.shape[1] * group_size or scales.shape[0] != weight.shape[0]):
@@ -330,10 +338,10 @@ def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str,
                 f"they do not fit bits={bits}, group_size={group_size}"
             )
         try:
-            check_format(path, bits, group_size)
+            check_format(path, bits, group_size, mode)
         except ValueError as error:
             raise ValueError(f"{error} (from the shapes of {path}.weight and {name})") from None
-        layers[path] = (bits, group_size)
+        layers[path] = (bits, group_size, mode)
     if not layers:
         raise ValueError("the checkpoint declares quantization but holds no '.scales' tensor")
     return layers
@@ -341,20 +349,25 @@ def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str,
 
 # ---- config.json -------------------------------------------------------------------------------------
 
+# A quantized layer's format: (bits, group_size, mode).
+LayerFormat = tuple[int, int, str]
+
+
 @dataclass
 class Scheme:
     """The quantization a ``config.json`` declares.
 
-    ``kind`` is ``"metal"`` or ``"mlx"``; ``bits``/``group_size`` the defaults; ``overrides`` maps a module path
-    to ``(bits, group_size)`` or ``None`` (kept float) for mlx-lm's per-path entries;
+    ``kind`` is ``"metal"`` or ``"mlx"``; ``bits``/``group_size``/``mode`` the defaults; ``overrides`` maps a
+    module path to a :data:`LayerFormat` or ``None`` (kept float) for mlx-lm's per-path entries;
     ``modules_to_not_convert`` is the Metal config's list.
     """
 
     kind: str
     bits: int
     group_size: int
-    overrides: dict[str, Optional[tuple[int, int]]]
+    overrides: dict[str, Optional[LayerFormat]]
     modules_to_not_convert: tuple[str, ...] = ()
+    mode: str = "affine"
 
 
 def read_config(directory: PathLike) -> dict[str, Any]:
@@ -405,45 +418,55 @@ def read_quantization(config: dict[str, Any], where: PathLike = CONFIG_NAME) -> 
             metal = MetalConfig.from_dict(config["quantization_config"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: quantization_config: {error}") from None
-        return Scheme("metal", metal.bits, metal.group_size, {}, tuple(metal.modules_to_not_convert or ()))
+        return Scheme("metal", metal.bits, metal.group_size, {}, tuple(metal.modules_to_not_convert or ()),
+                      metal.mode)
     block = config["quantization"]
-    bits, group_size = _mlx_entry(block, "quantization", where)
-    overrides: dict[str, Optional[tuple[int, int]]] = {}
+    bits, group_size, mode = _mlx_entry(block, "quantization", where)
+    overrides: dict[str, Optional[LayerFormat]] = {}
     for key, value in block.items():
         if key in ("bits", "group_size", "mode"):
             continue
         field = f"quantization[{key!r}]"
         if isinstance(value, bool):
-            overrides[key] = (bits, group_size) if value else None
+            overrides[key] = (bits, group_size, mode) if value else None
         elif isinstance(value, dict):
-            overrides[key] = _mlx_entry({"bits": bits, "group_size": group_size, **value}, field, where)
+            # unset fields follow the global entry, or the override's own mode's defaults when it changes mode
+            inherited = {"mode": mode} if value.get("mode", mode) != mode else {
+                "bits": bits, "group_size": group_size, "mode": mode}
+            overrides[key] = _mlx_entry({**inherited, **value}, field, where, defaults=True)
         else:
             raise ValueError(f"{where}: {field} must be an object or a boolean, got {value!r}")
-    return Scheme("mlx", bits, group_size, overrides)
+    return Scheme("mlx", bits, group_size, overrides, mode=mode)
 
 
-def _mlx_entry(entry: dict, field: str, where) -> tuple[int, int]:
+def _describe(layer: LayerFormat) -> str:
+    bits, group_size, mode = layer
+    return f"bits={bits}, group_size={group_size}" + ("" if mode == "affine" else f", mode={mode}")
+
+
+def _mlx_entry(entry: dict, field: str, where, defaults: bool = False) -> LayerFormat:
+    """An mlx-lm quantization entry as a :data:`LayerFormat`; ``mode`` absent means affine. Without
+    ``defaults`` bits and group_size must be present."""
     mode = entry.get("mode", "affine")
-    if mode != "affine":
-        raise ValueError(f"{where}: {field}.mode={mode!r} is not supported (metalq reads mode 'affine')")
-    for key in ("bits", "group_size"):
-        if key not in entry:
-            raise ValueError(f"{where}: {field} has no {key!r}")
+    if not defaults:
+        for key in ("bits", "group_size"):
+            if key not in entry:
+                raise ValueError(f"{where}: {field} has no {key!r}")
     try:
-        check_format(f"{field}", entry["bits"], entry["group_size"])
+        bits, group_size = resolve_format(f"{field}", entry.get("bits"), entry.get("group_size"), mode)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    return entry["bits"], entry["group_size"]
+    return bits, group_size, mode
 
 
 def quantized_model_config(
     base: dict[str, Any],
-    layers: dict[str, tuple[int, int]],
+    layers: dict[str, LayerFormat],
     format: str,
     float_linears: Iterable[str] = (),
     config: Optional[MetalConfig] = None,
 ) -> dict[str, Any]:
-    """``base`` plus the quantization entries for quantized ``layers`` (path -> ``(bits, group_size)``).
+    """``base`` plus the quantization entries for quantized ``layers`` (path -> ``(bits, group_size, mode)``).
 
     ``"metal"`` requires one format for all layers and writes ``quantization_config = MetalConfig.to_dict()``
     (the float ``nn.Linear`` layers listed in ``modules_to_not_convert``); ``"mlx"`` writes mlx-lm's
@@ -456,22 +479,23 @@ def quantized_model_config(
         raise ValueError("no quantized layer to describe")
     if format == "metal":
         most_common = Counter(layers.values()).most_common(1)[0][0]
-        bits, group_size = (config.bits, config.group_size) if config is not None else most_common
-        for path, (layer_bits, layer_group_size) in layers.items():
-            if (layer_bits, layer_group_size) != (bits, group_size):
+        chosen = (config.bits, config.group_size, config.mode) if config is not None else most_common
+        for path, layer in layers.items():
+            if layer != chosen:
                 raise ValueError(
-                    f"{path} has bits={layer_bits}, group_size={layer_group_size} but the Metal format holds one "
-                    f"format for all layers (bits={bits}, group_size={group_size}); use the mlx format (format='mlx', --to mlx)"
+                    f"{path} has {_describe(layer)} but the Metal format holds one format for all layers "
+                    f"({_describe(chosen)}); use the mlx format (format='mlx', --to mlx)"
                 )
+        bits, group_size, mode = chosen
         skipped = list(dict.fromkeys([*(config.modules_to_not_convert or () if config else ()), *float_linears]))
-        metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=skipped or None)
+        metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=skipped or None, mode=mode)
         out["quantization_config"] = metal.to_dict()
         return out
-    (bits, group_size), _ = Counter(layers.values()).most_common(1)[0]
-    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for path, (layer_bits, layer_group_size) in layers.items():
-        if (layer_bits, layer_group_size) != (bits, group_size):
-            block[path] = {"group_size": layer_group_size, "bits": layer_bits, "mode": "affine"}
+    (bits, group_size, mode), _ = Counter(layers.values()).most_common(1)[0]
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": mode}
+    for path, (layer_bits, layer_group_size, layer_mode) in layers.items():
+        if (layer_bits, layer_group_size, layer_mode) != (bits, group_size, mode):
+            block[path] = {"group_size": layer_group_size, "bits": layer_bits, "mode": layer_mode}
     out["quantization"] = block
     out["quantization_config"] = dict(block)
     return out
@@ -693,7 +717,7 @@ def _write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str
 
 def _output_entries(
     refs: dict[str, TensorRef],
-    layers: dict[str, tuple[int, int]],
+    layers: dict[str, LayerFormat],
     format: str,
 ) -> list[Entry]:
     """The tensors to write: quantized layers in ``format``'s spelling, float weights of ``layers`` that have no
@@ -713,7 +737,7 @@ def _output_entries(
     return entries
 
 
-def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, biases: str) -> list[Entry]:
+def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, mode: str, biases: str) -> list[Entry]:
     if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
         raise ValueError(f"tensor {path}.weight: expected a 2-D float weight to quantize, got {ref.dtype} {ref.shape}")
     rows, columns = ref.shape
@@ -726,22 +750,25 @@ def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, bia
         def produce() -> torch.Tensor:
             if not memo:
                 weight = ref.load().to(dtype)
-                memo["weight"], memo["scales"], memo[biases] = affine_quantize(weight, group_size, bits)
-            return memo.pop(key)  # the last of the three frees the layer
+                if mode == "affine":
+                    memo["weight"], memo["scales"], memo[biases] = affine_quantize(weight, group_size, bits)
+                else:
+                    memo["weight"], memo["scales"] = fp_quantize(weight, mode)
+            return memo.pop(key)  # the last one frees the layer
 
         return produce
 
     groups = (rows, columns // group_size)
-    return [
-        Entry(f"{path}.weight", torch.uint32, (rows, columns * bits // 32), part("weight")),
-        Entry(f"{path}.scales", dtype, groups, part("scales")),
-        Entry(f"{path}.{biases}", dtype, groups, part(biases)),
-    ]
+    packed = Entry(f"{path}.weight", torch.uint32, (rows, columns * bits // 32), part("weight"))
+    if mode != "affine":
+        return [packed, Entry(f"{path}.scales", torch.uint8, groups, part("scales"))]
+    return [packed, Entry(f"{path}.scales", dtype, groups, part("scales")),
+            Entry(f"{path}.{biases}", dtype, groups, part(biases))]
 
 
 def _model_sources(
     model: nn.Module, config: Optional[MetalConfig]
-) -> tuple[dict[str, tuple[int, int]], dict[str, TensorRef]]:
+) -> tuple[dict[str, LayerFormat], dict[str, TensorRef]]:
     """The quantized layers (existing, plus float Linears ``config`` selects) and the model's tensors, each
     tied tensor once."""
     from .quantize import matches_module_name
@@ -755,11 +782,11 @@ def _model_sources(
         if tensor.device.type == "meta":
             raise ValueError(f"tensor {name!r} is on the meta device: there is nothing to save")
         refs[name] = TensorRef(tensor.dtype, tuple(tensor.shape), (lambda t=tensor: t.detach()), "model")
-    layers: dict[str, tuple[int, int]] = {}
+    layers: dict[str, LayerFormat] = {}
     misfits = []
     for fqn, module in model.named_modules():
         if _is_quantized_module(module):
-            layers[fqn] = (module.bits, module.group_size)
+            layers[fqn] = (module.bits, module.group_size, getattr(module, "mode", "affine"))
         elif config is not None and _is_float_experts(module):
             if not any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
                 raise ValueError(f"save_quantized: {fqn} holds float experts; quantizing while writing covers "
@@ -770,7 +797,7 @@ def _model_sources(
             if module.in_features % config.group_size:
                 misfits.append(fqn)
                 continue
-            layers[fqn] = (config.bits, config.group_size)
+            layers[fqn] = (config.bits, config.group_size, config.mode)
     if misfits:
         warnings.warn(
             f"save_quantized: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
@@ -842,15 +869,15 @@ def _merged_ref(names: list[str], refs: dict[str, TensorRef]) -> TensorRef:
 
 
 def from_mlx_expert_names(
-    model: nn.Module, refs: dict[str, TensorRef], overrides: dict[str, Optional[tuple[int, int]]]
-) -> tuple[dict[str, TensorRef], dict[str, Optional[tuple[int, int]]]]:
+    model: nn.Module, refs: dict[str, TensorRef], overrides: dict[str, Optional[LayerFormat]]
+) -> tuple[dict[str, TensorRef], dict[str, Optional[LayerFormat]]]:
     """An mlx-lm checkpoint's tensors and per-path formats under ``model``'s names: each fused experts module
     reads ``<block>.switch_mlp.*`` (gate and up projections stacked), and a block the checkpoint spells
     differently (found as the one sibling with ``switch_mlp`` tensors) is renamed to the model's."""
     owners = {name.split(f".{MLX_EXPERTS}.")[0] for name in refs if f".{MLX_EXPERTS}." in name}
     renames: dict[str, str] = {}  # checkpoint block prefix -> model block prefix
     merged: dict[str, list[str]] = {}  # model tensor name -> checkpoint tensor names
-    formats: dict[str, Optional[tuple[int, int]]] = {}
+    formats: dict[str, Optional[LayerFormat]] = {}
     stacked_paths: set[str] = set()
     for path, module, block in _experts_blocks(model):
         siblings = [owner for owner in owners if owner.rpartition(".")[0] == block.rpartition(".")[0]]
@@ -908,8 +935,8 @@ def _checkpoint_block_name(model: nn.Module, block: str) -> str:
 
 
 def to_mlx_expert_names(
-    model: nn.Module, refs: dict[str, TensorRef], layers: dict[str, tuple[int, int]]
-) -> tuple[dict[str, TensorRef], dict[str, tuple[int, int]]]:
+    model: nn.Module, refs: dict[str, TensorRef], layers: dict[str, LayerFormat]
+) -> tuple[dict[str, TensorRef], dict[str, LayerFormat]]:
     """Inverse of :func:`from_mlx_expert_names` for saving: each fused experts module's tensors (quantized, or
     float ``(E, out, in)`` parameters) as mlx-lm's ``<block>.switch_mlp.*``, the gate and up halves split."""
     renames: dict[str, str] = {}  # model block prefix -> checkpoint block prefix
@@ -961,6 +988,7 @@ class _Part:
 
     bits: int
     group_size: int
+    mode: str
     names: dict[str, str]  # role (weight, scales, biases, bias) -> checkpoint tensor name
 
 
@@ -1026,14 +1054,17 @@ def _plan_part(path: str, shape: _PartShape, override, scheme: Scheme, refs: dic
     """Format and tensor names of the packed matrix at ``path``, every tensor checked against the checkpoint."""
     where = lambda name: f"tensor {name!r} ({refs[name].where})"  # noqa: E731
     rows, in_features, has_bias = shape
-    names = {"weight": f"{path}.weight", "scales": f"{path}.scales", "biases": f"{path}.{_BIASES[scheme.kind]}"}
+    mode = override[2] if override else scheme.mode
+    names = {"weight": f"{path}.weight", "scales": f"{path}.scales"}
+    if mode == "affine":
+        names["biases"] = f"{path}.{_BIASES[scheme.kind]}"
     for role, name in names.items():
         if name not in refs:
             raise ValueError(f"missing tensor {name!r}: {path} is quantized ({scheme.kind} checkpoint)")
     scales = refs[names["scales"]]
     if override:
-        bits, group_size = override
-    elif scheme.kind == "mlx":  # mlx-lm infers the format of unlisted layers from the shapes
+        bits, group_size, mode = override
+    elif scheme.kind == "mlx" and mode == "affine":  # mlx-lm infers unlisted affine layers from the shapes
         if len(scales.shape) != len(rows) + 1 or not scales.shape[-1] or in_features % scales.shape[-1]:
             raise ValueError(f"{where(names['scales'])} has shape {scales.shape}, which does not fit "
                              f"{path} (in_features={in_features})")
@@ -1050,9 +1081,10 @@ def _plan_part(path: str, shape: _PartShape, override, scheme: Scheme, refs: dic
     groups = (*rows, in_features // group_size)
     expect = {
         "weight": ((*rows, in_features * bits // 32), (torch.uint32,)),
-        "scales": (groups, (torch.float32, torch.float16, torch.bfloat16)),
-        "biases": (groups, (scales.dtype,)),
+        "scales": (groups, (torch.float32, torch.float16, torch.bfloat16) if mode == "affine" else (torch.uint8,)),
     }
+    if mode == "affine":
+        expect["biases"] = (groups, (scales.dtype,))
     if has_bias:
         names["bias"] = f"{path}.bias"
         if names["bias"] not in refs:
@@ -1062,10 +1094,10 @@ def _plan_part(path: str, shape: _PartShape, override, scheme: Scheme, refs: dic
         ref = refs[names[role]]
         if ref.shape != shape:
             raise ValueError(f"{where(names[role])} has shape {ref.shape}, expected {shape} "
-                             f"for {path} (bits={bits}, group_size={group_size})")
+                             f"for {path} (bits={bits}, group_size={group_size}, mode={mode})")
         if dtypes is not None and ref.dtype not in dtypes:
             raise ValueError(f"{where(names[role])} has dtype {ref.dtype}, expected one of {dtypes}")
-    return _Part(bits, group_size, names)
+    return _Part(bits, group_size, mode, names)
 
 
 def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict: bool) -> _LoadPlan:
@@ -1109,6 +1141,8 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
             name = part_path(path, part)
             override = scheme.overrides.get(name, False) if scheme.kind == "mlx" else False
             parts[part] = _plan_part(name, shape, override, scheme, refs)
+            if kind == "experts" and parts[part].mode != "affine":
+                raise ValueError(f"{name}: {parts[part].mode} experts are not supported (metalq's experts are affine)")
         layers.append(_Layer(fqns, module, kind, parts))
         for fqn in fqns:
             covered.update(_owned_keys(kind, module, fqn))
@@ -1203,7 +1237,8 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
         packed = {}  # part -> (weight, scales, biases, bias or None)
         for part, spec in layer.parts.items():
             get = lambda role: tensors[spec.names[role]].to(device)  # noqa: E731
-            packed[part] = (get("weight"), get("scales"), get("biases"), get("bias") if "bias" in spec.names else None)
+            packed[part] = (get("weight"), get("scales"), get("biases") if "biases" in spec.names else None,
+                            get("bias") if "bias" in spec.names else None)
         if layer.kind == "experts":
             projections = {}
             for part, (weight, scales, biases, bias) in packed.items():
@@ -1218,19 +1253,23 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
             built[id(layer)] = MetalExperts(old, projections)
             continue
         spec, (weight, scales, biases, bias) = layer.parts[""], packed[""]
+        # the float dtype: the scales' (affine), else the replaced layer's (fp modes' scales are uint8)
+        old_weight = getattr(old, "weight", None)
+        dtype = scales.dtype if spec.mode == "affine" else (
+            old_weight.dtype if old_weight is not None and old_weight.is_floating_point() else None)
+        fmt = dict(bits=spec.bits, group_size=spec.group_size, dtype=dtype, device="meta", mode=spec.mode)
         if layer.kind == "matrix":
-            table = affine_dequantize(weight, scales, biases, spec.group_size, spec.bits)
+            table = (affine_dequantize(weight, scales, biases, spec.group_size, spec.bits) if spec.mode == "affine"
+                     else fp_dequantize(weight, scales, spec.mode, dtype=dtype))
             new = nn.Parameter(table, requires_grad=old.weight.requires_grad)
         elif layer.kind == "linear":
-            new = MetalLinear(old.in_features, old.out_features, bias=bias is not None, bits=spec.bits,
-                              group_size=spec.group_size, dtype=scales.dtype, device="meta")
-            new.weight, new.scales, new.qbiases = weight, scales, biases
+            new = MetalLinear(old.in_features, old.out_features, bias=bias is not None, **fmt)
+            _set_packed(new, weight, scales, biases)
             if bias is not None:
                 new.bias = nn.Parameter(bias, requires_grad=old.bias.requires_grad)
         elif embedding_class is not None:
-            new = embedding_class(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
-                                  bits=spec.bits, group_size=spec.group_size, dtype=scales.dtype, device="meta")
-            new.weight, new.scales, new.qbiases = weight, scales, biases
+            new = embedding_class(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, **fmt)
+            _set_packed(new, weight, scales, biases)
         else:
             new = nn.Embedding(old.num_embeddings, old.embedding_dim, padding_idx=getattr(old, "padding_idx", None),
                                dtype=scales.dtype, device="meta")
@@ -1248,8 +1287,8 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
             heads.append((head_paths, tied_head_class(table, bias=bias), None))
         else:
             new = MetalLinear(table.embedding_dim, table.num_embeddings, bias=bias is not None, bits=table.bits,
-                              group_size=table.group_size, dtype=table.scales.dtype, device="meta")
-            new.weight, new.scales, new.qbiases = table.weight, table.scales, table.qbiases
+                              group_size=table.group_size, dtype=table.float_dtype, device="meta", mode=table.mode)
+            _set_packed(new, table.weight, table.scales, getattr(table, "qbiases", None))
             if bias is not None:
                 new.bias = nn.Parameter(bias.detach().clone())
             heads.append((head_paths, new, None))
@@ -1283,6 +1322,13 @@ def _apply(model: nn.Module, plan: _LoadPlan, tensors: dict[str, torch.Tensor]) 
                 model.get_submodule(path).weight = table.weight
             else:
                 model.set_submodule(path, new)
+
+
+def _set_packed(layer: nn.Module, weight: torch.Tensor, scales: torch.Tensor, biases: Optional[torch.Tensor]) -> None:
+    """Give a freshly built quantized layer its tensors (``biases`` is None in the floating-point modes)."""
+    layer.weight, layer.scales = weight, scales
+    if biases is not None:
+        layer.qbiases = biases
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

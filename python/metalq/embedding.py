@@ -1,4 +1,4 @@
-"""MetalEmbedding: an ``nn.Embedding`` whose table is stored MLX-affine-quantized (MLX ``QuantizedEmbedding``)."""
+"""MetalEmbedding: an ``nn.Embedding`` whose table is stored MLX-quantized (MLX ``QuantizedEmbedding``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,9 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from .linear import register_packed_buffers
-from .ops import affine_dequantize, affine_qmm_t, affine_quantize
+from .ops import affine_dequantize, affine_qmm_t, affine_quantize, fp_dequantize, fp_qmm_t, fp_quantize
 
 
 class MetalEmbedding(nn.Module):
@@ -20,11 +19,12 @@ class MetalEmbedding(nn.Module):
     Metal layout): ``weight`` uint32 ``(num_embeddings, embedding_dim*bits/32)``, ``scales`` and ``qbiases``
     ``(num_embeddings, embedding_dim/group_size)``. These are the shapes of a :class:`metalq.MetalLinear`
     with ``in_features=embedding_dim``, so :meth:`as_linear` serves a tied output head from the same table.
+    In the floating-point modes ``scales`` is uint8 and there is no ``qbiases``.
 
     Args:
         num_embeddings, embedding_dim: as ``nn.Embedding``; ``embedding_dim % group_size == 0``.
         padding_idx: kept for reference (quantized rows are frozen, so it has no effect on training).
-        bits, group_size: the quantization format (see :class:`metalq.MetalConfig`).
+        bits, group_size, mode: the quantization format (see :class:`metalq.MetalConfig`).
         dtype: float dtype of ``scales``/``qbiases`` and of the output (default: torch's default dtype).
         device: where to allocate; ``"meta"`` builds a shell for ``load_state_dict(..., assign=True)``.
 
@@ -39,22 +39,25 @@ class MetalEmbedding(nn.Module):
         num_embeddings: int,
         embedding_dim: int,
         padding_idx: Optional[int] = None,
-        bits: int = DEFAULT_BITS,
-        group_size: int = DEFAULT_GROUP_SIZE,
+        bits: Optional[int] = None,
+        group_size: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
+        mode: str = "affine",
     ):
         super().__init__()
         register_packed_buffers(self, "MetalEmbedding", num_embeddings, ("embedding_dim", embedding_dim), bits,
-                                group_size, dtype, device)
+                                group_size, dtype, device, mode)
+        self.float_dtype = dtype or torch.get_default_dtype()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
 
     @classmethod
     def from_embedding(
-        cls, embedding: nn.Embedding, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE
+        cls, embedding: nn.Embedding, bits: Optional[int] = None, group_size: Optional[int] = None,
+        mode: str = "affine",
     ) -> "MetalEmbedding":
-        """Quantize ``embedding.weight`` row by row (bit-identical to ``mx.quantize``); scales keep its dtype."""
+        """Quantize ``embedding.weight`` row by row (bit-identical to ``mx.quantize``); affine scales keep its dtype."""
         if embedding.max_norm is not None:
             raise ValueError("MetalEmbedding.from_embedding: max_norm renormalises rows in place; not supported")
         weight = embedding.weight.detach()
@@ -66,18 +69,27 @@ class MetalEmbedding(nn.Module):
             group_size=group_size,
             dtype=weight.dtype,
             device="meta",  # the buffers are replaced just below
+            mode=mode,
         )
-        layer.weight, layer.scales, layer.qbiases = affine_quantize(weight, group_size, bits)
+        if mode == "affine":
+            layer.weight, layer.scales, layer.qbiases = affine_quantize(weight, layer.group_size, layer.bits)
+        else:
+            layer.weight, layer.scales = fp_quantize(weight, mode)
         return layer
+
+    def _dequantize_rows(self, rows: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The float rows of packed ``rows`` (table rows ``ids``, or all rows when ``ids`` is None)."""
+        scales = self.scales if ids is None else self.scales.index_select(0, ids)
+        if self.mode != "affine":
+            return fp_dequantize(rows, scales, self.mode, dtype=self.float_dtype)
+        biases = self.qbiases if ids is None else self.qbiases.index_select(0, ids)
+        return affine_dequantize(rows, scales, biases, self.group_size, self.bits)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         # index_select on the int32 view: uint32 has few kernels on CPU and MPS
         rows = self.weight.view(torch.int32).index_select(0, flat).view(torch.uint32)
-        out = affine_dequantize(
-            rows, self.scales.index_select(0, flat), self.qbiases.index_select(0, flat), self.group_size, self.bits
-        )
-        return out.reshape(*ids.shape, self.embedding_dim)
+        return self._dequantize_rows(rows, flat).reshape(*ids.shape, self.embedding_dim)
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ dequantize(table).T``: scores against every row, for an output head tied to this table.
@@ -88,24 +100,27 @@ class MetalEmbedding(nn.Module):
         Returns:
             ``(..., num_embeddings)`` in ``x.dtype`` (MLX ``QuantizedEmbedding.as_linear``).
         """
+        if self.mode != "affine":
+            return fp_qmm_t(x, self.weight, self.scales, self.mode)
         return affine_qmm_t(
             x, self.weight, self.scales.to(x.dtype), self.qbiases.to(x.dtype), self.group_size, self.bits
         )
 
     def dequantize(self) -> nn.Embedding:
-        """A float ``nn.Embedding`` holding ``scales * q + qbiases``, in the dtype and on the device of ``scales``."""
+        """A float ``nn.Embedding`` holding the dequantized table, on the device of ``scales``, in their dtype
+        (affine) or in ``float_dtype`` (the floating-point modes)."""
+        weight = self._dequantize_rows(self.weight, None)
         embedding = nn.Embedding(
-            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=self.scales.dtype, device="meta"
+            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=weight.dtype, device="meta"
         )
-        embedding.weight = nn.Parameter(
-            affine_dequantize(self.weight, self.scales, self.qbiases, self.group_size, self.bits)
-        )
+        embedding.weight = nn.Parameter(weight)
         return embedding
 
     def extra_repr(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}, group_size={self.group_size}"
+            + ("" if self.mode == "affine" else f", mode={self.mode}")
         )
 
 

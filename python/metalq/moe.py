@@ -22,6 +22,13 @@ from .ops import affine_dequantize, affine_gather_qmm, affine_quantize
 SORT_MIN_PAIRS = 64
 
 
+def require_affine(owner: str, mode: str) -> None:
+    """Experts run MLX's gather_qmm in affine mode only: the floating-point modes raise ``ValueError``."""
+    if mode != "affine":
+        raise ValueError(f"{owner}: mode {mode!r} is not supported for experts (affine only); keep them out of a "
+                         f"floating-point-mode config")
+
+
 class MetalSwitchLinear(nn.Module):
     """``num_experts`` quantized Linears in one module: ``forward(x, e)[..., i, :] = x @ dequantize(weight[e_i]).T``.
 
@@ -191,9 +198,11 @@ class MetalExperts(nn.Module):
 
     @classmethod
     def from_experts(
-        cls, experts: nn.Module, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE
+        cls, experts: nn.Module, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE, mode: str = "affine"
     ) -> "MetalExperts":
-        """Quantize a float fused experts module's projections (stored ``(E, in, out)`` when it is transposed)."""
+        """Quantize a float fused experts module's projections (stored ``(E, in, out)`` when it is transposed);
+        experts are affine only."""
+        require_affine("MetalExperts", mode)
         shapes = expert_projections(experts)
         if shapes is None:
             raise TypeError(f"MetalExperts: {type(experts).__name__} has no 3-D gate_up_proj/up_proj and down_proj")

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
-from .moe import MetalExperts, MetalSwitchLinear, expert_projections
+from .moe import MetalExperts, MetalSwitchLinear, expert_projections, require_affine
 
 # ``quantize_``'s config: one MetalConfig for every layer, a mapping from module name (or pattern, or
 # "_default") to a MetalConfig or None, or a callable ``(module, fqn) -> MetalConfig | None``.
@@ -224,7 +224,7 @@ def _input_features(layer: nn.Module) -> list[int]:
 
 def _plan(model: nn.Module, predicate, choose, make, caller: str):
     """``(plan, misfits)``: ``(names, layer, build)`` for each layer passing ``predicate`` for which
-    ``choose(module, fqn)`` gives a config, ``build() = make(layer, bits, group_size)``."""
+    ``choose(module, fqn)`` gives a config, ``build() = make(layer, bits, group_size, mode)``."""
     plan, misfits = [], []
     for fqns, layer in _find(model, predicate, caller):
         config = choose(layer, fqns[0])
@@ -235,7 +235,7 @@ def _plan(model: nn.Module, predicate, choose, make, caller: str):
             shown = features[0] if len(features) == 1 else features
             misfits.append(f"{fqns[0]} (in_features={shown}, group_size={config.group_size})")
             continue
-        plan.append((fqns, layer, partial(make, layer, config.bits, config.group_size)))
+        plan.append((fqns, layer, partial(make, layer, config.bits, config.group_size, mode=config.mode)))
     return plan, misfits
 
 
@@ -279,7 +279,7 @@ def _swap(model: nn.Module, plan: list[tuple[list[str], nn.Module, Callable[[], 
             model.set_submodule(fqn, new)
 
 
-def _empty_metal_linear(linear: nn.Linear, bits: int, group_size: int) -> MetalLinear:
+def _empty_metal_linear(linear: nn.Linear, bits: int, group_size: int, mode: str) -> MetalLinear:
     """A MetalLinear shell shaped like ``linear``, awaiting a pre-quantized checkpoint."""
     return MetalLinear(
         linear.in_features,
@@ -289,11 +289,13 @@ def _empty_metal_linear(linear: nn.Linear, bits: int, group_size: int) -> MetalL
         group_size=group_size,
         dtype=linear.weight.dtype,
         device=linear.weight.device,
+        mode=mode,
     )
 
 
-def _empty_metal_experts(experts: nn.Module, bits: int, group_size: int) -> MetalExperts:
+def _empty_metal_experts(experts: nn.Module, bits: int, group_size: int, mode: str = "affine") -> MetalExperts:
     """A MetalExperts shell shaped like ``experts``, awaiting a pre-quantized checkpoint."""
+    require_affine("MetalExperts", mode)
     projections = {}
     for name, (count, rows, columns) in expert_projections(experts).items():
         like = experts._parameters[name]
