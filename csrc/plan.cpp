@@ -95,6 +95,13 @@ DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, 
   const int64_t M = ops.M, K = ops.x.size(-1);
   const uint32_t row_tiles = ceil_div(N, kQmvSimdgroups * kQmvRowsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
+  // A short K: a quad of lanes per row of W, for every M (as MLX; each row of x rereads W, which the
+  // GPU's cache serves at these sizes).
+  const bool quad_k = std::find(std::begin(kQmvQuadK), std::end(kQmvQuadK), K) != std::end(kQmvQuadK);
+  if (quad_k && (bits & (bits - 1)) == 0) {
+    return matmul(matmul_kernel(ops, "qmv_quad_k" + std::to_string(K), group_size, bits),
+                  {uint32_t(M), ceil_div(N, kQmvQuadRows), ops.batch.count}, {32, 1, 1}, ops, out, p);
+  }
   // Several rows of x: decode each weight once for up to kQmvWideVectors of them.
   if (M >= 2) {
     const uint32_t tiles = ceil_div(M, kQmvWideVectors);
@@ -310,8 +317,8 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
 }
 
 // The decision tree for every quantized matmul, on the shape alone:
-//   x @ W.T: M in [2, kQmmMinRows) -> qmv_wide; else qmv_fast when N % 8 == 0 and K fills whole
-//            qmv_fast steps, else qmv (any N, any K);
+//   x @ W.T: K in kQmvQuadK and bits 1/2/4/8 -> qmv_quad_k<K>; else M in [2, kQmmMinRows) -> qmv_wide;
+//            else qmv_fast when N % 8 == 0 and K fills whole qmv_fast steps, else qmv (any N, any K);
 //   x @ W:   K >= kQvmSplitKMinK and M <= kQvmSplitKMaxRows -> qvm_split_k + split_k_reduce; else qvm.
 // Either orientation, M >= kQmmMinRows: the tiled GEMM qmm_t / qmm_n, or when y has few 32x32
 // tiles and K is long, qmm_{t,n}_splitk + split_k_reduce. Every kernel walks the batch on grid z.

@@ -57,6 +57,11 @@ METALQ_CONST int kQmvWideLanesPerRow = 8;
 // qmv_wide: x rows one threadgroup dots with each decoded group; more would spill registers. It serves
 // M from 2 (decoding a group once for several rows beats per-row qmv) up to the GEMM's kQmmMinRows.
 METALQ_CONST int kQmvWideVectors = 4;
+// qmv_quad: x @ W.T for K in {64, 128} (kQmvQuadK) and 1/2/4/8 bits, a quad of 4 lanes per row of W
+// with K/4 values each; 8 quads x kQmvQuadRowsPerQuad rows = kQmvQuadRows rows per 32-thread group.
+METALQ_CONST int kQmvQuadK[] = {64, 128};
+METALQ_CONST int kQmvQuadRowsPerQuad = 8;
+METALQ_CONST int kQmvQuadRows = 8 * kQmvQuadRowsPerQuad;
 // qvm: output columns per simdgroup, one decoded 32-value run of a K row per lane and step.
 METALQ_CONST int kQvmColumnsPerSimdgroup = 32;
 // qvm split-K from this K on: below it the M x N/64 grid already has enough work per threadgroup.

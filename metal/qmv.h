@@ -104,6 +104,56 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const 
   }
 }
 
+// y[m, row] for K in {64, 128} (qmv_quad): a simdgroup is 8 quads of 4 lanes. Lane l of quad q holds
+// x values [l*K/4, (l+1)*K/4) in registers and dots them with the same span of rows
+// first_row + 8r + q, r < kQmvQuadRowsPerQuad: at each r the 8 quads read 8 consecutive rows, one
+// contiguous run of bytes. The first lane of each group loads its scale and bias and simd_shuffle
+// hands them to the group's other lanes; two xor shuffles sum the quad (a quad_sum).
+template <typename T, int group_size, int bits, int K>
+METAL_FUNC void qmv_quad_impl(const device uint8_t* w, const device T* scales, const device T* biases,
+                              const device T* x, device T* y, uint N, uint m, uint first_row, uint simd_lid) {
+  constexpr int values = K / 4;
+  constexpr int groups = K / group_size;
+  constexpr int lanes_per_group = group_size / values;
+  static_assert(K % group_size == 0 && group_size % values == 0, "a lane's values lie in one group");
+  const uint quad = simd_lid / 4, k = (simd_lid % 4) * values, g = k / group_size;
+  const ushort group_lane = ushort(quad * 4 + g * lanes_per_group);
+  x += ulong(m) * K;
+  y += ulong(m) * N;
+  float xv[values];
+  float x_sum = 0;
+  for (int i = 0; i < values; ++i) {
+    xv[i] = float(x[k + i]);
+    x_sum += xv[i];
+  }
+  for (int r = 0; r < kQmvQuadRowsPerQuad; ++r) {
+    const uint row = first_row + r * 8 + quad;
+    const bool active = row < N;  // the same for the whole quad
+    float s = 0, b = 0;
+    if (active && k % group_size == 0) {
+      s = float(scales[ulong(row) * groups + g]);
+      b = float(biases[ulong(row) * groups + g]);
+    }
+    s = simd_shuffle(s, group_lane);
+    b = simd_shuffle(b, group_lane);
+    float acc = 0;
+    if (active) {
+      float q[values];
+      decode_values<bits, values>(w + ulong(row) * (K * bits / 8) + k * bits / 8, q);
+      float dot = 0;
+      for (int i = 0; i < values; ++i) {
+        dot += xv[i] * q[i];
+      }
+      acc = s * dot + b * x_sum;
+    }
+    acc += simd_shuffle_xor(acc, ushort(1));
+    acc += simd_shuffle_xor(acc, ushort(2));
+    if (active && k == 0) {
+      y[row] = T(acc);
+    }
+  }
+}
+
 // y[m0 + v, row] for v < count <= kQmvWideVectors and one row per kQmvWideLanesPerRow lanes. Each
 // lane walks the row's groups g = lane, lane + 8, ...: it reads the group's scale and bias once,
 // decodes it 8 values (= `bits` bytes) at a time and dots every chunk with all `count` x rows. A
@@ -214,6 +264,25 @@ template <typename T, int group_size, int bits, typename Batch>
   const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
   metalq::qmv_impl<T, group_size, bits, values, false>(w, scales, biases, x, y, params.N, params.K, tid.x,
                                                        first_row, simd_lid);
+}
+
+// x @ W.T for K = 64 or 128 and 1/2/4/8 bits: one simdgroup per threadgroup, grid
+// (M, ceil(N / 64), batch); threadgroup (m, t) computes y[m, 64t .. 64t+64). With so short a K a
+// whole simdgroup per row would leave each lane 2-4 values; a quad per row gives it 16-32.
+template <typename T, int group_size, int bits, int K, typename Batch>
+[[kernel]] void affine_qmv_quad(
+    const device uint8_t* w [[buffer(0)]],
+    const device T* scales [[buffer(1)]],
+    const device T* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    Batch batch [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qmv_quad_impl<T, group_size, bits, K>(w, scales, biases, x, y, params.N, tid.x,
+                                                tid.y * metalq::kQmvQuadRows, simd_lid);
 }
 
 // General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,

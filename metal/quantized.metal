@@ -47,6 +47,31 @@ instantiate_types(instantiate_matmul, qmv_wide)
 instantiate_types(instantiate_matmul, qvm)
 instantiate_types(instantiate_affine, qvm_split_k)
 
+// qmv_quad (qmv.h) for its K (the fourth template argument) and the power-of-two bits, with every
+// group size that divides K: affine_[gather_]qmv_quad_k<K>_<type>_gs_<gs>_b_<bits>.
+#define instantiate_qmv_quad(type, K, group_size, bits) \
+  instantiate_kernel("affine_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, affine_qmv_quad, type, \
+                     group_size, bits, K, constant metalq::BatchParams&) \
+  instantiate_kernel("affine_gather_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, affine_qmv_quad, \
+                     type, group_size, bits, K, const device uint2*)
+
+#define instantiate_qmv_quad_bits(type, K, group_size) \
+  instantiate_qmv_quad(type, K, group_size, 1) \
+  instantiate_qmv_quad(type, K, group_size, 2) \
+  instantiate_qmv_quad(type, K, group_size, 4) \
+  instantiate_qmv_quad(type, K, group_size, 8)
+
+#define instantiate_qmv_quad_types(type) \
+  instantiate_qmv_quad_bits(type, 64, 32) \
+  instantiate_qmv_quad_bits(type, 64, 64) \
+  instantiate_qmv_quad_bits(type, 128, 32) \
+  instantiate_qmv_quad_bits(type, 128, 64) \
+  instantiate_qmv_quad_bits(type, 128, 128)
+
+instantiate_qmv_quad_types(float)
+instantiate_qmv_quad_types(half)
+instantiate_qmv_quad_types(bfloat)
+
 // Type-only kernels: "<kernel>_<type>".
 instantiate_kernel("split_k_reduce_float", split_k_reduce, float)
 instantiate_kernel("split_k_reduce_half", split_k_reduce, half)

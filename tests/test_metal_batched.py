@@ -72,6 +72,7 @@ CASES = [
     ("qmv_fast", ["qmv_fast"], (3, 1, 512), (3,), (512, 16), True, torch.float16, 64, 4),
     ("qmv-unaligned", ["qmv"], (1, 96), (2, 2), (96, 13), True, torch.bfloat16, 32, 3),
     ("qmv-x-1d", ["qmv"], (256,), (2,), (256, 12), True, torch.float32, 128, 5),
+    ("qmv_quad", ["qmv_quad_k128"], (2, 3, 128), (2,), (128, 70), True, torch.float16, 64, 4),
     ("qmv_wide", ["qmv_wide"], (2, 1, 3, 128), (1, 3), (128, 8), True, torch.float16, 64, 6),
     ("qvm", ["qvm"], (4, 2, 100), (4,), (100, 64), False, torch.float16, 64, 2),
     ("qvm_split_k", ["qvm_split_k", "split_k_reduce"], (2, 1, 1, 1100), (1, 3), (1100, 32), False, torch.bfloat16,

@@ -79,6 +79,8 @@ CASES = [
      False, torch.bfloat16, 32, 3),
     ("qmv_wide", ["gather_qmv_wide"], (2, 3, 128), 4, torch.tensor([1, 0, 1]), torch.tensor([3, 3, 0]), (128, 8),
      True, False, torch.float32, 128, 5),
+    ("qmv_quad", ["gather_qmv_quad_k64"], (4, 2, 64), 3, torch.tensor([3, 1]), torch.tensor([[2], [0]]), (64, 70),
+     True, False, torch.float16, 32, 2),
     ("qvm", ["gather_qvm"], (5, 2, 100), 3, None, torch.tensor([2, 0, 1, 2, 2]), (100, 64), False, False,
      torch.float16, 64, 2),
     ("qvm-long-K-no-split", ["gather_qvm"], (2, 1, 1100), 2, None, torch.tensor([1, 0]), (1100, 32), False, False,

@@ -33,13 +33,16 @@ def _fast_block(bits):
 def cases(group_size, bits):
     """(name, expected kernels, M, K, N, transpose): one per branch of plan_affine_qmm."""
     gs, big_k = group_size, max(_fast_block(bits), 1024)
-    return [
+    quad, small_k = bits in (1, 2, 4, 8), 128 if gs == 128 else 64  # qmv_quad: K in (64, 128)
+    quad_cases = [(f"qmv_quad-K{K}-M{M}-N{N}", [f"qmv_quad_k{K}"], M, K, N, True)
+                  for K, M, N in ((64, 1, 128), (64, 3, 70), (128, 1, 64), (128, 2, 200)) if K % gs == 0]
+    return quad_cases * quad + [
         ("qmv_fast", ["qmv_fast"], 1, _fast_block(bits), 16, True),
         ("qmv_fast-2steps", ["qmv_fast"], 1, 2 * _fast_block(bits), 8, True),
         ("qmv-unaligned-N", ["qmv"], 1, 3 * gs, 13, True),
-        ("qmv-small-K", ["qmv"], 1, 128 if gs == 128 else 64, 8, True),
-        ("qmv-N<8", ["qmv"], 1, 2 * gs, 3, True),
-        ("qmv_wide-M2", ["qmv_wide"], 2, 2 * gs, 12, True),
+        ("qmv-small-K", [f"qmv_quad_k{small_k}" if quad else "qmv"], 1, small_k, 8, True),
+        ("qmv-N<8", ["qmv"], 1, 3 * gs, 3, True),
+        ("qmv_wide-M2", ["qmv_wide"], 2, 5 * gs, 12, True),
         ("qmv_wide-M5", ["qmv_wide"], 5, 3 * gs, 8, True),
         ("qmv_wide-M8", ["qmv_wide"], 8, 9 * gs, 4, True),
         ("M>8", None, 10, gs, 5, True),  # GEMM territory: the kernel is not pinned
@@ -145,7 +148,9 @@ GEMM_KERNELS = ("qmm_t", "qmm_n", "qmm_t_splitk", "qmm_n_splitk")
 def plannable_names():
     names = {metalq._C.kernel_name(k, dtype, gs, bits) for k in KERNELS for dtype, gs, bits in FORMATS}
     gemm = {metalq._C.kernel_name(k, dtype, gs, bits) for k in GEMM_KERNELS for dtype, gs, bits in FORMATS}
-    return names | gemm | {f"split_k_reduce_{t}" for t in ("float", "half", "bfloat")}
+    quad = {metalq._C.kernel_name(f"qmv_quad_k{K}", dtype, gs, bits) for K in (64, 128)
+            for dtype, gs, bits in FORMATS if K % gs == 0 and bits in (1, 2, 4, 8)}
+    return names | gemm | quad | {f"split_k_reduce_{t}" for t in ("float", "half", "bfloat")}
 
 
 def test_every_plannable_name_is_in_the_library(lib):
@@ -161,38 +166,57 @@ def test_every_plannable_name_is_in_the_library(lib):
 
 # ---- device traffic of the decode GEMV ----------------------------------------------------------
 
-def gemv_traffic(lib, bits, group_size=64, N=64, K=2048, dtype=torch.float16):
-    """{binding: (measured Traffic, bytes of the tensor)} of one qmv_fast dispatch, plus the grid."""
-    x, wq, scales, biases = _operands(1, K, N, dtype, group_size, bits, True, seed=1)
+def gemv_traffic(lib, kernel, bits, M=1, K=2048, N=64, group_size=64, dtype=torch.float16):
+    """{binding: (measured Traffic, bytes of the tensor)} of one dispatch of `kernel`, and its grid."""
+    x, wq, scales, biases = _operands(M, K, N, dtype, group_size, bits, True, seed=1)
     out, plans, (traffic,) = emulate_qmm(lib, x, wq, scales, biases, group_size, bits, True)
-    assert _base(plans[0]["kernel"]) == "qmv_fast"
+    assert _base(plans[0]["kernel"]) == kernel
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
     tensors = {"w": wq, "scales": scales, "biases": biases, "x": x, "y": out}
     return {name: (traffic[i], size(t)) for i, (name, t) in enumerate(tensors.items())}, plans[0]["threadgroups"]
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6])
-def test_decode_gemv_reads_weights_once(lib, bits):
-    table, (gx, gy, gz) = gemv_traffic(lib, bits)
+def print_traffic(title, table, grid):
+    print(f"\n{title}: device bytes per binding, {grid[0] * grid[1] * grid[2]} threadgroups")
+    print(f"  {'binding':<7} {'read':>9} {'distinct':>9} {'written':>8} {'tensor':>9} {'reads':>6}")
+    for binding, (m, nbytes) in table.items():
+        print(f"  {binding:<7} {m.read:>9} {m.distinct_read:>9} {m.written:>8} {nbytes:>9} {m.read / nbytes:>6.2f}")
+
+
+def assert_weights_read_once(table):
+    """W, scales and biases read once (every byte, at most 2% more in total); y written once."""
     for name in ("w", "scales", "biases"):
         measured, size = table[name]
         assert measured.distinct_read == size and size <= measured.read <= 1.02 * size, name
         assert measured.written == 0, name
     measured, size = table["y"]
     assert measured.read == 0 and measured.written == measured.distinct_written == size
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_decode_gemv_reads_weights_once(lib, bits):
+    table, (gx, gy, gz) = gemv_traffic(lib, "qmv_fast", bits)
+    print_traffic(f"qmv_fast {bits}-bit", table, (gx, gy, gz))
+    assert_weights_read_once(table)
     # x: each simdgroup keeps its own copy in registers, so it is read once per simdgroup.
     measured, size = table["x"]
     threadgroups = gx * gy * gz
     assert measured.distinct_read == size and measured.read <= 2 * threadgroups * size
 
 
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_small_k_gemv_reads_weights_once(lib, bits, K):
+    table, grid = gemv_traffic(lib, "qmv_quad_k%d" % K, bits, K=K, N=200, group_size=32)
+    print_traffic(f"qmv_quad K={K} {bits}-bit", table, grid)
+    assert_weights_read_once(table)
+    # x: each of the 8 quads of a threadgroup holds a copy in registers.
+    measured, size = table["x"]
+    assert measured.distinct_read == size and measured.read == 8 * grid[0] * grid[1] * grid[2] * size
+
+
 if __name__ == "__main__":
     library = metal_library()
-    print("qmv_fast, float16 x[1, 2048] @ W[64, 2048].T, group size 64: device bytes per binding")
-    print(f"{'bits':>4} {'binding':<7} {'read':>8} {'distinct':>8} {'written':>8} {'tensor':>8} {'reads':>6}")
     for b in (3, 4, 6):
-        tbl, grid = gemv_traffic(library, b)
-        for binding, (m, nbytes) in tbl.items():
-            print(f"{b:>4} {binding:<7} {m.read:>8} {m.distinct_read:>8} {m.written:>8} {nbytes:>8} "
-                  f"{m.read / nbytes:>6.2f}")
-        print(f"     ({grid[0] * grid[1] * grid[2]} threadgroups of 2 simdgroups)")
+        print_traffic(f"qmv_fast, float16 x[1, 2048] @ W[64, 2048].T, gs 64, {b}-bit",
+                      *gemv_traffic(library, "qmv_fast", b))
