@@ -93,7 +93,7 @@ DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const Qmm
 // x @ W.T for M < kQmmMinRows.
 DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size, int64_t bits) {
   const int64_t M = ops.M, K = ops.x.size(-1);
-  const uint32_t row_tiles = ceil_div(N, kQmvSimdgroups * kQmvRowsPerSimdgroup);
+  const uint32_t row_tiles = ceil_div(N, kQmvRows);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   // A short K: a quad of lanes per row of W, for every M (as MLX; each row of x rereads W, which the
   // GPU's cache serves at these sizes).
@@ -110,7 +110,7 @@ DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, 
                    {ceil_div(M, p.rows_per_tg), row_tiles, ops.batch.count}, ops, out, p);
   }
   // One row of x: the unguarded kernel when whole threadgroups and whole K steps fit.
-  const bool aligned = N % (kQmvSimdgroups * kQmvRowsPerSimdgroup) == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
+  const bool aligned = N % kQmvRows == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
   return small_m(matmul_kernel(ops, aligned ? "qmv_fast" : "qmv", group_size, bits), {1, row_tiles, ops.batch.count},
                  ops, out, p);
 }
@@ -316,12 +316,31 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
                      uint64_t(wq.numel()), std::move(buffers), 4);
 }
 
-// The decision tree for every quantized matmul, on the shape alone:
-//   x @ W.T: K in kQmvQuadK and bits 1/2/4/8 -> qmv_quad_k<K>; else M in [2, kQmmMinRows) -> qmv_wide;
-//            else qmv_fast when N % 8 == 0 and K fills whole qmv_fast steps, else qmv (any N, any K);
-//   x @ W:   K >= kQvmSplitKMinK and M <= kQvmSplitKMaxRows -> qvm_split_k + split_k_reduce; else qvm.
-// Either orientation, M >= kQmmMinRows: the tiled GEMM qmm_t / qmm_n, or when y has few 32x32
-// tiles and K is long, qmm_{t,n}_splitk + split_k_reduce. Every kernel walks the batch on grid z.
+// The decision tree for every quantized matmul, on the shape alone. M is the rows of x per matrix
+// after qmm_operands folded what it could; every kernel walks y's batch on grid z, so the batch never
+// changes the branch (a gather never splits K). Thresholds live in metal/params.h.
+//
+//   M >= kQmmMinRows (9), either orientation: the tiled GEMM, each weight decoded once per 32 rows of
+//   x instead of once per 1-4 rows. MLX switches at 6-18 rows depending on the GPU; qmv_wide covers
+//   2-8 at one decode per 4 rows, so 9 is where a 32-row tile starts to pay.
+//     tiles x batch <= kQmmSplitKTargetThreadgroups / 2 and K >= 2 * kQmmSplitKMinPartitionK
+//                                     -> qmm_t_splitk / qmm_n_splitk + split_k_reduce: K partitions of
+//                                        >= 256 (their float partials cost less than the x and W bytes
+//                                        they read) until ~512 threadgroups, 8 per core of the largest GPUs.
+//     otherwise                       -> qmm_t / qmm_n (grid ceil(N/32) x ceil(M/32) x batch).
+//   x @ W.T, M < 9:
+//     K in {64, 128}, bits 1/2/4/8    -> qmv_quad_k<K>: a quad of lanes per row; a simdgroup per row
+//                                        would give each lane 2-4 values (MLX's rule, for every M).
+//     M in [2, 9)                     -> qmv_wide: each weight decoded once for up to kQmvWideVectors (4)
+//                                        rows of x; from M = 2 this beats decoding per row.
+//     N % 8 == 0 and K % (32 * qmv_fast_values(bits)) == 0
+//                                     -> qmv_fast: no guards, two packs per lane per step.
+//     otherwise                       -> qmv: rows >= N and lanes past K guarded, one pack per lane.
+//   x @ W, M < 9:
+//     K >= kQvmSplitKMinK (1024) and M <= kQvmSplitKMaxRows (4)
+//                                     -> qvm_split_k + split_k_reduce: 8 partitions of K (32 past
+//                                        K = 8192), as MLX: M x N/64 threadgroups are too few alone.
+//     otherwise                       -> qvm.
 std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t group_size,
                                           int64_t bits, bool transpose) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == int64_t(ops.batch.count) * ops.M * out.size(-1));

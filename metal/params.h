@@ -48,11 +48,13 @@ static_assert(sizeof(ElementwiseParams) == 8, "host and shader layouts must matc
 constexpr int qmv_fast_values(int bits) { return bits == 1 ? 32 : (bits == 6 || bits == 8 ? 8 : 16); }
 // qmv (general): one pack per lane per step, so any K (a multiple of 32) splits into whole lane chunks.
 constexpr int qmv_values(int bits) { return pack_unit_bytes(bits) * 8 / bits; }
-// Rows of W per simdgroup in qmv/qmv_fast: one x chunk in registers serves this many rows.
-METALQ_CONST int kQmvRowsPerSimdgroup = 4;
 // Simdgroups per threadgroup of every small-M kernel (64 threads): small groups spread over all cores.
 METALQ_CONST int kQmvSimdgroups = 2;
-// qmv_wide: lanes that split one row's groups; 32 / 8 = 4 rows per simdgroup, like qmv.
+// Rows of W per threadgroup of qmv_fast, qmv and qmv_wide. In qmv/qmv_fast every simdgroup covers all
+// of them over its share of K, so one x chunk in registers serves 8 rows and x is read once per
+// threadgroup.
+METALQ_CONST int kQmvRows = 8;
+// qmv_wide: lanes that split one row's groups; 32 / 8 = 4 rows per simdgroup, kQmvRows per threadgroup.
 METALQ_CONST int kQmvWideLanesPerRow = 8;
 // qmv_wide: x rows one threadgroup dots with each decoded group; more would spill registers. It serves
 // M from 2 (decoding a group once for several rows beats per-row qmv) up to the GEMM's kQmmMinRows.

@@ -45,27 +45,31 @@ METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
 
 // ---- implementations ----------------------------------------------------------------------------
 
-// y[m, row] for kQmvRowsPerSimdgroup rows per simdgroup. Each lane holds `values` consecutive x
-// values of the current K step in registers (and their sum) and dots them with the same span of each
-// row. Lanes of one group share its scale and bias: one lane per group loads them, simd_shuffle hands
-// them out, so every scale is read once. `guarded` skips rows >= N and lanes past K (qmv); qmv_fast
-// needs N % 8 == 0 and K % (32 * values) == 0.
+// y[m, first_row .. first_row + kQmvRows). The simdgroups split K: simdgroup s takes the K steps
+// s, s + kQmvSimdgroups, ..., so each x value is read by one lane of the threadgroup. A lane holds
+// `values` consecutive x values of its step in registers (and their sum) and dots them with the same
+// span of every row. Lanes of one group share its scale and bias: one lane per group loads them,
+// simd_shuffle hands them out, so every scale is read once. The simdgroups' partial sums meet in
+// threadgroup memory: the others leave theirs in `partials`, simdgroup 0 adds them and its lane r
+// writes row r. `guarded` skips rows >= N and lanes past K (qmv); qmv_fast needs N % kQmvRows == 0
+// and K % (32 * values) == 0.
 template <typename T, int group_size, int bits, int values, bool guarded>
 METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const device T* biases,
                          const device T* x, device T* y, uint N, uint K, uint m, uint first_row,
-                         uint simd_lid) {
-  constexpr int rows = kQmvRowsPerSimdgroup;
+                         uint simd_gid, uint simd_lid, threadgroup float* partials) {
+  constexpr int rows = kQmvRows;
   constexpr int block = 32 * values;
   constexpr int lanes_per_group = group_size / values;
   constexpr int groups_per_block = block / group_size;
   static_assert(group_size % values == 0 && block % group_size == 0, "a lane's values lie in one group");
+  static_assert(rows <= 32, "a lane of simdgroup 0 writes each row");
   const uint groups = K / group_size;
   const ulong row_bytes = ulong(K) * bits / 8;
   x += ulong(m) * K;
   y += ulong(m) * N;
 
   float acc[rows] = {0};
-  for (uint k0 = 0; k0 < K; k0 += block) {
+  for (uint k0 = simd_gid * block; k0 < K; k0 += kQmvSimdgroups * block) {
     const uint k = k0 + simd_lid * values;
     const bool lane_active = !guarded || k < K;
     float xv[values];
@@ -97,8 +101,18 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const 
     }
   }
   for (int r = 0; r < rows; ++r) {
-    const float total = simd_sum(acc[r]);
-    if (simd_lid == 0 && (!guarded || first_row + r < N)) {
+    acc[r] = simd_sum(acc[r]);
+    if (simd_gid > 0 && simd_lid == uint(r)) {
+      partials[(simd_gid - 1) * rows + r] = acc[r];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int r = 0; r < rows; ++r) {
+    if (simd_gid == 0 && simd_lid == uint(r) && (!guarded || first_row + r < N)) {
+      float total = acc[r];
+      for (int p = 0; p < kQmvSimdgroups - 1; ++p) {
+        total += partials[p * rows + r];
+      }
       y[first_row + r] = T(total);
     }
   }
@@ -165,6 +179,7 @@ METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, c
   constexpr int vectors = kQmvWideVectors;
   constexpr int lanes = kQmvWideLanesPerRow;
   static_assert(32 % lanes == 0 && group_size % 8 == 0, "rows own whole lane clusters");
+  static_assert(kQmvSimdgroups * 32 / lanes == kQmvRows, "a threadgroup covers kQmvRows rows");
   const uint groups = K / group_size;
   const device uint8_t* w_row = w + ulong(row) * K * bits / 8;
   float acc[vectors] = {0};
@@ -245,8 +260,9 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const 
 // every item. Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
 
 // Decode GEMV for aligned shapes (N % 8 == 0, K % (32 * qmv_fast_values(bits)) == 0). Grid
-// (M, N / 8): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s rows 8t + 4s .. +4. E.g.
-// 4-bit: a lane reads 16 x values and 8 bytes of each of its 4 rows per step of 512 K values.
+// (M, N / 8, batch): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s over the K steps
+// s, s + 2, ... E.g. 4-bit: a lane reads 16 x values and 8 bytes of each of the 8 rows per step of
+// 512 K values.
 template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qmv_fast(
     const device uint8_t* w [[buffer(0)]],
@@ -261,9 +277,9 @@ template <typename T, int group_size, int bits, typename Batch>
     uint simd_lid [[thread_index_in_simdgroup]]) {
   metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int values = metalq::qmv_fast_values(bits);
-  const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
+  threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
   metalq::qmv_impl<T, group_size, bits, values, false>(w, scales, biases, x, y, params.N, params.K, tid.x,
-                                                       first_row, simd_lid);
+                                                       tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
 // x @ W.T for K = 64 or 128 and 1/2/4/8 bits: one simdgroup per threadgroup, grid
@@ -286,7 +302,7 @@ template <typename T, int group_size, int bits, int K, typename Batch>
 }
 
 // General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,
-// 256 K per step). Grid (M, ceil(N / 8)) as qmv_fast.
+// 256 K per step). Grid (M, ceil(N / 8), batch) as qmv_fast.
 template <typename T, int group_size, int bits, typename Batch>
 [[kernel]] void affine_qmv(
     const device uint8_t* w [[buffer(0)]],
@@ -301,9 +317,9 @@ template <typename T, int group_size, int bits, typename Batch>
     uint simd_lid [[thread_index_in_simdgroup]]) {
   metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int values = metalq::qmv_values(bits);
-  const uint first_row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQmvRowsPerSimdgroup;
+  threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
   metalq::qmv_impl<T, group_size, bits, values, true>(w, scales, biases, x, y, params.N, params.K, tid.x,
-                                                      first_row, simd_lid);
+                                                       tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
 // Small batches: grid (ceil(M / rows_per_tg), ceil(N / 8)); threadgroup (t, r) computes rows

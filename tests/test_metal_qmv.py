@@ -193,15 +193,19 @@ def assert_weights_read_once(table):
     assert measured.read == 0 and measured.written == measured.distinct_written == size
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6])
-def test_decode_gemv_reads_weights_once(lib, bits):
-    table, (gx, gy, gz) = gemv_traffic(lib, "qmv_fast", bits)
-    print_traffic(f"qmv_fast {bits}-bit", table, (gx, gy, gz))
+# (kernel, bits, K, N): qmv_fast over several K steps per simdgroup, qmv with a ragged K step and N.
+DECODE_GEMVS = [("qmv_fast", 3, 2048, 64), ("qmv_fast", 4, 2048, 64), ("qmv_fast", 6, 2048, 64),
+                ("qmv_fast", 4, 4096, 32), ("qmv", 4, 1984, 60), ("qmv", 5, 1344, 16)]
+
+
+@pytest.mark.parametrize("kernel, bits, K, N", DECODE_GEMVS)
+def test_decode_gemv_reads_each_byte_once(lib, kernel, bits, K, N):
+    table, grid = gemv_traffic(lib, kernel, bits, K=K, N=N)
+    print_traffic(f"{kernel} x[1, {K}] @ W[{N}, {K}].T {bits}-bit", table, grid)
     assert_weights_read_once(table)
-    # x: each simdgroup keeps its own copy in registers, so it is read once per simdgroup.
+    # x: the simdgroups of a threadgroup split K, so each x value is read by one lane per threadgroup.
     measured, size = table["x"]
-    threadgroups = gx * gy * gz
-    assert measured.distinct_read == size and measured.read <= 2 * threadgroups * size
+    assert measured.distinct_read == size and measured.read <= grid[0] * grid[1] * grid[2] * size
 
 
 @pytest.mark.parametrize("K", [64, 128])
@@ -216,7 +220,10 @@ def test_small_k_gemv_reads_weights_once(lib, bits, K):
 
 
 if __name__ == "__main__":
+    # The decode shape of a 4096-wide layer: float16, 4-bit, group size 64.
     library = metal_library()
-    for b in (3, 4, 6):
-        print_traffic(f"qmv_fast, float16 x[1, 2048] @ W[64, 2048].T, gs 64, {b}-bit",
-                      *gemv_traffic(library, "qmv_fast", b))
+    print_traffic("qmv_fast x[1, 4096] @ W[4096, 4096].T", *gemv_traffic(library, "qmv_fast", 4, K=4096, N=4096))
+    print_traffic("qmv x[1, 4032] @ W[4092, 4032].T", *gemv_traffic(library, "qmv", 4, K=4032, N=4092))
+    print_traffic("qmv_quad x[1, 128] @ W[4096, 128].T", *gemv_traffic(library, "qmv_quad_k128", 4, K=128, N=4096))
+    print_traffic("qmv_wide x[4, 4096] @ W[4096, 4096].T",
+                  *gemv_traffic(library, "qmv_wide", 4, M=4, K=4096, N=4096))
