@@ -26,6 +26,12 @@ py::dict plan_to_python(const metalq::DispatchPlan& plan) {
   return d;
 }
 
+py::list plans_to_python(const std::vector<metalq::DispatchPlan>& plans) {
+  py::list out;
+  for (const auto& plan : plans) out.append(plan_to_python(plan));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -61,10 +67,18 @@ PYBIND11_MODULE(_C, m) {
                               bool transpose) {
     metalq::check_affine_qmm("affine_qmm", x, w, scales, biases, group_size, bits, transpose);
     const auto operands = metalq::qmm_operands(x, w, scales, biases);
-    py::list plans;
-    for (const auto& plan : metalq::plan_affine_qmm(operands, out, group_size, bits, transpose))
-      plans.append(plan_to_python(plan));
-    return plans;
+    return plans_to_python(
+        metalq::plan_qmm(operands, out, metalq::WeightFormat::affine(group_size, bits), transpose));
+  });
+  m.def("plan_fp_qmm", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& global_scale, const at::Tensor& out,
+                          const std::string& mode_name, bool transpose) {
+    const char* op = transpose ? "fp_qmm_t" : "fp_qmm_n";
+    const int mode = metalq::check_fp_mode(op, mode_name);
+    metalq::check_fp_qmm(op, x, w, scales, mode, global_scale, transpose);
+    const auto operands = metalq::qmm_operands(x, w, scales, global_scale.value_or(at::Tensor()));
+    return plans_to_python(
+        metalq::plan_qmm(operands, out, metalq::WeightFormat::fp(mode, global_scale.has_value()), transpose));
   });
   m.def("plan_affine_gather_qmm", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                                      const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
@@ -74,10 +88,7 @@ PYBIND11_MODULE(_C, m) {
                                                        bits, transpose);
     const auto operands =
         metalq::gather_qmm_operands(shape, x, w, scales, biases, lhs_indices, rhs_indices, sorted_indices);
-    py::list plans;
-    for (const auto& plan : metalq::plan_affine_gather_qmm(operands, out, group_size, bits, transpose))
-      plans.append(plan_to_python(plan));
-    return plans;
+    return plans_to_python(metalq::plan_affine_gather_qmm(operands, out, group_size, bits, transpose));
   });
 }
 

@@ -60,17 +60,17 @@ uint32_t grid_axis(int64_t n) {
 
 uint32_t ceil_div(int64_t a, int64_t b) { return grid_axis((a + b - 1) / b); }
 
-// Every matmul kernel binds w 0, scales 1, biases 2, x 3, y 4, its shape parameters 5, and at 6
-// BatchParams or, for a gather, the buffer of (x, w) matrix pairs.
+// Every matmul kernel binds w 0, scales 1, biases 2 (an fp mode's global scale, if any), x 3, y 4,
+// its shape parameters 5, and at 6 BatchParams or, for a gather, the buffer of (x, w) matrix pairs.
 template <class Params>
 DispatchPlan matmul(std::string kernel, std::array<uint32_t, 3> grid, std::array<uint32_t, 3> threads,
                     const QmmOperands& ops, const at::Tensor& y, const Params& p) {
-  DispatchPlan plan{std::move(kernel),
-                    grid,
-                    threads,
-                    {{0, ops.w}, {1, ops.scales}, {2, ops.biases}, {3, ops.x}, {4, y}},
-                    {bytes_binding(5, p)},
-                    {}};
+  DispatchPlan plan{std::move(kernel), grid, threads, {{0, ops.w}, {1, ops.scales}}, {bytes_binding(5, p)}, {}};
+  if (ops.biases.defined()) {
+    plan.buffers.push_back({2, ops.biases});
+  }
+  plan.buffers.push_back({3, ops.x});
+  plan.buffers.push_back({4, y});
   if (ops.gather_pairs.defined()) {
     plan.buffers.push_back({6, ops.gather_pairs});
   } else {
@@ -80,8 +80,8 @@ DispatchPlan matmul(std::string kernel, std::array<uint32_t, 3> grid, std::array
 }
 
 // The host name of a matmul kernel: its gather variant for a gather.
-std::string matmul_kernel(const QmmOperands& ops, const std::string& kernel, int64_t group_size, int64_t bits) {
-  return kernel_name(ops.gather_pairs.defined() ? "gather_" + kernel : kernel, ops.x.scalar_type(), group_size, bits);
+std::string matmul_kernel(const QmmOperands& ops, const std::string& kernel, const WeightFormat& format) {
+  return format.kernel(ops.gather_pairs.defined() ? "gather_" + kernel : kernel, ops.x.scalar_type());
 }
 
 // Every small-M kernel (metal/qmv.h): 64 threads, grid z = the batch (times split-K partitions).
@@ -91,28 +91,28 @@ DispatchPlan small_m(std::string kernel, std::array<uint32_t, 3> grid, const Qmm
 }
 
 // x @ W.T for M < kQmmMinRows.
-DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size, int64_t bits) {
+DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, const WeightFormat& format) {
   const int64_t M = ops.M, K = ops.x.size(-1);
   const uint32_t row_tiles = ceil_div(N, kQmvRows);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   // A short K: a quad of lanes per row of W, for every M (as MLX; each row of x rereads W, which the
   // GPU's cache serves at these sizes).
   const bool quad_k = std::find(std::begin(kQmvQuadK), std::end(kQmvQuadK), K) != std::end(kQmvQuadK);
-  if (quad_k && (bits & (bits - 1)) == 0) {
-    return matmul(matmul_kernel(ops, "qmv_quad_k" + std::to_string(K), group_size, bits),
+  if (quad_k && (format.bits & (format.bits - 1)) == 0 && format.group_size % (K / 4) == 0) {
+    return matmul(matmul_kernel(ops, "qmv_quad_k" + std::to_string(K), format),
                   {uint32_t(M), ceil_div(N, kQmvQuadRows), ops.batch.count}, {32, 1, 1}, ops, out, p);
   }
   // Several rows of x: decode each weight once for up to kQmvWideVectors of them.
   if (M >= 2) {
     const uint32_t tiles = ceil_div(M, kQmvWideVectors);
     p.rows_per_tg = ceil_div(M, tiles);
-    return small_m(matmul_kernel(ops, "qmv_wide", group_size, bits),
+    return small_m(matmul_kernel(ops, "qmv_wide", format),
                    {ceil_div(M, p.rows_per_tg), row_tiles, ops.batch.count}, ops, out, p);
   }
   // One row of x: the unguarded kernel when whole threadgroups and whole K steps fit.
-  const bool aligned = N % kQmvRows == 0 && K % (32 * qmv_fast_values(int(bits))) == 0;
-  return small_m(matmul_kernel(ops, aligned ? "qmv_fast" : "qmv", group_size, bits), {1, row_tiles, ops.batch.count},
-                 ops, out, p);
+  const bool aligned = N % kQmvRows == 0 && K % (32 * qmv_fast_values(int(format.bits))) == 0;
+  return small_m(matmul_kernel(ops, aligned ? "qmv_fast" : "qmv", format), {1, row_tiles, ops.batch.count}, ops, out,
+                 p);
 }
 
 // out = the sum of the float partials [parts, M, N] over parts, rounded once to out's dtype.
@@ -128,23 +128,22 @@ DispatchPlan split_k_reduce(const at::Tensor& partials, const at::Tensor& out) {
 }
 
 // x @ W for small M: qvm, or for long K qvm_split_k into float partials plus split_k_reduce.
-std::vector<DispatchPlan> plan_qvm(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size,
-                                   int64_t bits) {
+std::vector<DispatchPlan> plan_qvm(const QmmOperands& ops, const at::Tensor& out, int64_t N,
+                                   const WeightFormat& format) {
   const int64_t M = ops.M, K = ops.x.size(-1), count = ops.batch.count;
   const at::ScalarType type = ops.x.scalar_type();
   const uint32_t col_tiles = ceil_div(N, kQmvSimdgroups * kQvmColumnsPerSimdgroup);
   QmvParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(K), 1, 0};
   // A gather already spreads its items over grid z; it does not split K.
   if (K < kQvmSplitKMinK || M > kQvmSplitKMaxRows || ops.gather_pairs.defined()) {
-    return {small_m(matmul_kernel(ops, "qvm", group_size, bits), {uint32_t(M), col_tiles, grid_axis(count)}, ops, out,
-                    p)};
+    return {small_m(matmul_kernel(ops, "qvm", format), {uint32_t(M), col_tiles, grid_axis(count)}, ops, out, p)};
   }
   const int64_t parts = K > kQvmSplitKLongK ? kQvmSplitKPartsLongK : kQvmSplitKParts;
   p.k_chunk = ceil_div(ceil_div(K, parts), 32) * 32;  // whole lane strides per partition
   const uint32_t used = ceil_div(K, p.k_chunk);
   at::Tensor partials = at::empty({int64_t(used), count, M, N}, out.options().dtype(at::kFloat));
   std::vector<DispatchPlan> plans;
-  plans.push_back(small_m(kernel_name("qvm_split_k", type, group_size, bits),
+  plans.push_back(small_m(format.kernel("qvm_split_k", type),
                           {uint32_t(M), col_tiles, grid_axis(used * count)}, ops, partials, p));
   plans.push_back(split_k_reduce(partials, out));
   return plans;
@@ -153,8 +152,8 @@ std::vector<DispatchPlan> plan_qvm(const QmmOperands& ops, const at::Tensor& out
 // x @ W.T or x @ W for M >= kQmmMinRows: the tiled GEMM (metal/qmm.h), one 32x32 tile of y per
 // threadgroup. When y has too few tiles to fill the GPU and K is long, grid z splits K into
 // partitions writing float partials [partitions, count, M, N], which split_k_reduce sums into out.
-std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t N, int64_t group_size,
-                                   int64_t bits, bool transpose) {
+std::vector<DispatchPlan> plan_gemm(const QmmOperands& ops, const at::Tensor& out, int64_t N,
+                                    const WeightFormat& format, bool transpose) {
   const int64_t M = ops.M, K = ops.x.size(-1), count = ops.batch.count;
   const int64_t tiles = int64_t(ceil_div(N, kQmmBN)) * ceil_div(M, kQmmBM) * count;
   int64_t parts = std::min<int64_t>(kQmmSplitKTargetThreadgroups / tiles, K / kQmmSplitKMinPartitionK);
@@ -168,7 +167,7 @@ std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out
   const QmmParams p{uint32_t(M), uint32_t(N), uint32_t(K), uint32_t(k_per_split)};
   const std::string kernel = std::string(transpose ? "qmm_t" : "qmm_n") + (parts > 1 ? "_splitk" : "");
   const at::Tensor y = parts > 1 ? at::empty({parts, count, M, N}, out.options().dtype(at::kFloat)) : out;
-  std::vector<DispatchPlan> plans{matmul(matmul_kernel(ops, kernel, group_size, bits),
+  std::vector<DispatchPlan> plans{matmul(matmul_kernel(ops, kernel, format),
                                          {ceil_div(N, kQmmBN), ceil_div(M, kQmmBM), grid_axis(parts * count)},
                                          {uint32_t(kQmmThreads), 1, 1}, ops, y, p)};
   if (parts > 1) {
@@ -182,6 +181,16 @@ std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out
 std::string kernel_name(const std::string& kernel, at::ScalarType type, int64_t group_size, int64_t bits) {
   return "affine_" + kernel + "_" + metal_type(type) + "_gs_" + std::to_string(group_size) + "_b_" +
          std::to_string(bits);
+}
+
+WeightFormat WeightFormat::affine(int64_t group_size, int64_t bits) { return {group_size, bits, std::nullopt, false}; }
+
+WeightFormat WeightFormat::fp(int mode, bool has_global) {
+  return {fp_group_size(mode), fp_bits(mode), mode, has_global};
+}
+
+std::string WeightFormat::kernel(const std::string& name, at::ScalarType type) const {
+  return fp_mode ? fp_kernel_name(name, *fp_mode, type, has_global) : kernel_name(name, type, group_size, bits);
 }
 
 DispatchPlan plan_affine_quantize(const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
@@ -242,7 +251,8 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
   if (w.dim() == 2) {
     ops.x = x.reshape({-1, K}).contiguous();
     ops.M = ops.x.size(0);
-    ops.w = w.contiguous(), ops.scales = scales.contiguous(), ops.biases = biases.contiguous();
+    ops.w = w.contiguous(), ops.scales = scales.contiguous();
+    if (biases.defined()) ops.biases = biases.contiguous();
     return ops;
   }
   const at::Tensor xm = x.dim() == 1 ? x.unsqueeze(0) : x;
@@ -316,7 +326,8 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
                      uint64_t(wq.numel()), std::move(buffers), 4);
 }
 
-// The decision tree for every quantized matmul, on the shape alone. M is the rows of x per matrix
+// The decision tree for every quantized matmul, on the shape alone, the same for every weight format
+// (bits below are the format's: 4 for mxfp4 / nvfp4, 8 for mxfp8). M is the rows of x per matrix
 // after qmm_operands folded what it could; every kernel walks y's batch on grid z, so the batch never
 // changes the branch (a gather never splits K). Thresholds live in metal/params.h.
 //
@@ -329,7 +340,8 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
 //                                        they read) until ~512 threadgroups, 8 per core of the largest GPUs.
 //     otherwise                       -> qmm_t / qmm_n (grid ceil(N/32) x ceil(M/32) x batch).
 //   x @ W.T, M < 9:
-//     K in {64, 128}, bits 1/2/4/8    -> qmv_quad_k<K>: a quad of lanes per row; a simdgroup per row
+//     K in {64, 128}, bits 1/2/4/8, K/4 values in one group (all but nvfp4 at K = 128)
+//                                     -> qmv_quad_k<K>: a quad of lanes per row; a simdgroup per row
 //                                        would give each lane 2-4 values (MLX's rule, for every M).
 //     M in [2, 9)                     -> qmv_wide: each weight decoded once for up to kQmvWideVectors (4)
 //                                        rows of x; from M = 2 this beats decoding per row.
@@ -341,20 +353,20 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
 //                                     -> qvm_split_k + split_k_reduce: 8 partitions of K (32 past
 //                                        K = 8192), as MLX: M x N/64 threadgroups are too few alone.
 //     otherwise                       -> qvm.
-std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t group_size,
-                                          int64_t bits, bool transpose) {
+std::vector<DispatchPlan> plan_qmm(const QmmOperands& ops, const at::Tensor& out, const WeightFormat& format,
+                                   bool transpose) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == int64_t(ops.batch.count) * ops.M * out.size(-1));
   if (out.numel() == 0) {
     return {};
   }
   const int64_t N = out.size(-1);
   if (ops.M >= kQmmMinRows) {
-    return plan_qmm(ops, out, N, group_size, bits, transpose);
+    return plan_gemm(ops, out, N, format, transpose);
   }
   if (transpose) {
-    return {plan_qmv(ops, out, N, group_size, bits)};
+    return {plan_qmv(ops, out, N, format)};
   }
-  return plan_qvm(ops, out, N, group_size, bits);
+  return plan_qvm(ops, out, N, format);
 }
 
 QmmOperands gather_qmm_operands(const GatherQmmShape& shape, const at::Tensor& x, const at::Tensor& w,
@@ -377,7 +389,7 @@ QmmOperands gather_qmm_operands(const GatherQmmShape& shape, const at::Tensor& x
   return ops;
 }
 
-// A gather takes the decision tree of plan_affine_qmm over its items (without split-K), except that
+// A gather takes the decision tree of plan_qmm over its items (without split-K), except that
 // many expert-sorted decode rows go to affine_gather_qmm_rhs: grid (ceil(N/32), ceil(items/32), 1).
 std::vector<DispatchPlan> plan_affine_gather_qmm(const QmmOperands& ops, const at::Tensor& out, int64_t group_size,
                                                  int64_t bits, bool transpose) {
@@ -390,7 +402,7 @@ std::vector<DispatchPlan> plan_affine_gather_qmm(const QmmOperands& ops, const a
                                bits),
                    {ceil_div(N, kQmmBN), ceil_div(items, kQmmBM), 1}, {uint32_t(kQmmThreads), 1, 1}, ops, out, p)};
   }
-  return plan_affine_qmm(ops, out, group_size, bits, transpose);
+  return plan_qmm(ops, out, WeightFormat::affine(group_size, bits), transpose);
 }
 
 }  // namespace metalq

@@ -43,6 +43,23 @@ struct DispatchPlan {
 // (float, half, bfloat); metal/quantized.metal instantiates exactly these names.
 std::string kernel_name(const std::string& kernel, at::ScalarType type, int64_t group_size, int64_t bits);
 
+// MLX's floating-point modes (metal/fp_format.h FpMode): "fp_<kernel>_<mode>_<type>", plus "_global"
+// for nvfp4 with a global scale; metal/quantized.metal instantiates exactly these names.
+std::string fp_kernel_name(const std::string& kernel, int mode, at::ScalarType type, bool has_global);
+
+// The weight format of a quantized matmul (metal/quantized.h Affine / Fp): what the planner needs of
+// it, and the host names of its kernels.
+struct WeightFormat {
+  int64_t group_size;
+  int64_t bits;
+  std::optional<int> fp_mode;  // an FpMode; none for affine
+  bool has_global;             // nvfp4 with a global scale
+  static WeightFormat affine(int64_t group_size, int64_t bits);
+  static WeightFormat fp(int mode, bool has_global);
+  // kernel_name or fp_kernel_name of kernel `name` in dtype `type`.
+  std::string kernel(const std::string& name, at::ScalarType type) const;
+};
+
 // The caller has validated the arguments (checks.h) and allocated contiguous outputs.
 DispatchPlan plan_affine_quantize(const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
                                   const at::Tensor& biases, int64_t group_size, int64_t bits);
@@ -54,7 +71,8 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 // keeps one copy), and the walk from y's batch items to their matrices. A 2-D w folds every leading
 // dimension of x into M; so does a batch dimension w is broadcast over and x is not, when innermost.
 struct QmmOperands {
-  at::Tensor x, w, scales, biases;
+  at::Tensor x, w, scales;
+  at::Tensor biases;  // for an fp mode its global scale, or undefined without one
   int64_t M;
   BatchParams batch;
   // A gather (affine_gather_qmm): int32 [batch.count, 2], the x and w matrix of every item, bound
@@ -65,19 +83,16 @@ struct QmmOperands {
   bool sorted_rows = false;
 };
 
-// x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row).
+// x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row); or for an fp
+// mode, validated by check_fp_qmm (2-D w), with biases its global scale or an undefined tensor.
 QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const at::Tensor& biases);
 
-// y = x @ dequant(w).T (transpose) or x @ dequant(w) into a contiguous out of the op's output shape
-// (batch.count matrices [M, N]): the dispatches in order (split-K adds a reduce). Temporaries are
-// created here and held by the plans' bindings. An empty output needs no dispatch.
-std::vector<DispatchPlan> plan_affine_qmm(const QmmOperands& operands, const at::Tensor& out, int64_t group_size,
-                                          int64_t bits, bool transpose);
-
-// MLX's floating-point modes (metal/fp_format.h FpMode): "fp_<kernel>_<mode>_<type>", plus "_global"
-// for nvfp4 with a global scale; metal/quantized.metal instantiates exactly these names.
-std::string fp_kernel_name(const std::string& kernel, int mode, at::ScalarType type, bool has_global);
+// y = x @ dequant(w).T (transpose) or x @ dequant(w), w in `format`, into a contiguous out of the op's
+// output shape (batch.count matrices [M, N]): the dispatches in order (split-K adds a reduce).
+// Temporaries are created here and held by the plans' bindings. An empty output needs no dispatch.
+std::vector<DispatchPlan> plan_qmm(const QmmOperands& operands, const at::Tensor& out, const WeightFormat& format,
+                                   bool transpose);
 
 DispatchPlan plan_fp_quantize(const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales, int mode,
                               const std::optional<at::Tensor>& global_scale);

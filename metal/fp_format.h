@@ -10,9 +10,10 @@
 #include "params.h"
 
 #ifdef __METAL__
+#include <metal_stdlib>
 #define METALQ_FP_FN inline
-#define METALQ_AS_UINT(x) as_type<uint32_t>(x)
-#define METALQ_AS_FLOAT(x) as_type<float>(x)
+#define METALQ_AS_UINT(x) metal::as_type<uint32_t>(x)
+#define METALQ_AS_FLOAT(x) metal::as_type<float>(x)
 #define METALQ_RINT(x) metal::rint(x)
 #define METALQ_FABS(x) metal::fabs(x)
 #define METALQ_DIV(a, b) metal::precise::divide(a, b)  // IEEE division, as on the host

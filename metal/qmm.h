@@ -1,7 +1,7 @@
 // Tiled quantized GEMMs for prefill (large M): y = x·Wᵀ (qmm_t, W [N, K] quantized along K) and
 // y = x·W (qmm_n, W [K, N] quantized along N), with a split-K variant writing float partials that
-// split_k_reduce (qmv.h) sums. Helpers -> affine_qmm_impl -> thin [[kernel]] entries; quantized.metal
-// instantiates them and csrc/plan.cpp (plan_affine_qmm) picks one and its grid.
+// split_k_reduce (qmv.h) sums. Helpers -> qmm_impl -> thin [[kernel]] entries, generic over the weight
+// format (quantized.h); quantized.metal instantiates them and csrc/plan.cpp (plan_qmm) picks one.
 #pragma once
 
 #include "quantized.h"
@@ -41,12 +41,13 @@ METAL_FUNC ulong load_eight_values(const device uint8_t* packed) {
   return run;
 }
 
-// Writes 8 dequantized values (MLX's roundings, as affine_dequantize) to threadgroup memory.
-template <typename T, int bits>
-METAL_FUNC void dequantize_eight(ulong run, T scale, T bias, threadgroup T* out) {
-  const uint mask = (1u << bits) - 1;
+// Writes the 8 weights of `run` (all in group g) dequantized to threadgroup memory.
+template <typename F>
+METAL_FUNC void dequantize_eight(F format, ulong run, ulong g, threadgroup typename F::T* out) {
+  constexpr uint mask = (1u << F::bits) - 1;
+  const typename F::TileGroup group = format.tile_group(g);
   for (int i = 0; i < 8; ++i) {
-    out[i] = dequantize_value(uint(run >> (bits * i)) & mask, scale, bias);
+    out[i] = format.weight(uint(run >> (F::bits * i)) & mask, group);
   }
 }
 
@@ -63,11 +64,10 @@ METAL_FUNC uint fragment_col(uint lane) { return ((lane >> 3) & 1) * 4 + (lane &
 // then each of the 2x2 simdgroups multiplies its 16x16 quarter as 2x2 float 8x8 fragments.
 // Rows of x past M, W rows past N and k past k_end are staged as 0; stores skip m >= M, n >= N.
 // Ends with a barrier, so a caller may run it again on the same threadgroup memory.
-template <typename T, int group_size, int bits, bool transpose, typename Out>
-METAL_FUNC void affine_qmm_impl(
+template <typename F, bool transpose, typename Out, typename T = typename F::T>
+METAL_FUNC void qmm_impl(
     const device uint8_t* w,
-    const device T* scales,
-    const device T* biases,
+    F format,
     const device T* x,
     device Out* y,
     uint M,
@@ -81,7 +81,8 @@ METAL_FUNC void affine_qmm_impl(
     uint index,
     uint simdgroup,
     uint lane) {
-  static_assert(group_size % 8 == 0 && kQmmBN <= group_size, "a loader's 8 values must share one group");
+  constexpr int group_size = F::group_size, bits = F::bits;
+  static_assert(group_size % 8 == 0, "a loader's 8 values must share one group");
   static_assert(kQmmThreads * 8 == kQmmBM * kQmmBK && kQmmThreads * 8 == kQmmBN * kQmmBK, "8 values per thread");
   constexpr int ld = qmm_tile_ld<T>();
   const uint m0 = tile.y * kQmmBM, n0 = tile.x * kQmmBN;
@@ -119,7 +120,7 @@ METAL_FUNC void affine_qmm_impl(
       const uint row = transpose ? wn : wk, col = transpose ? wk : wn;
       const ulong run = load_eight_values<bits>(w + ulong(row) * w_row_bytes + col * bits / 8);
       const ulong g = ulong(row) * groups_per_row + col / group_size;
-      dequantize_eight<T, bits>(run, scales[g], biases[g], wd);
+      dequantize_eight(format, run, g, wd);
     } else {
       for (int i = 0; i < 8; ++i) {
         wd[i] = T(0);
@@ -161,15 +162,17 @@ METAL_FUNC void affine_qmm_impl(
 }  // namespace metalq
 
 // ---- kernels ------------------------------------------------------------------------------------
+// Bindings: w 0, scales 1, biases or nvfp4's global scale 2 (F::Bias), x 3, y 4, QmmParams 5, and 6
+// the batch (BatchParams) or the gather's (x, w) matrix pairs. The weight format F is affine or fp.
 
 // Grid (ceil(N/32), ceil(M/32), batch count) of 128-thread threadgroups; threadgroup (tx, ty, z) writes
 // y[z][32*ty .. +32, 32*tx .. +32] over the whole K. E.g. M=33, N=64: 2x2 threadgroups, the second
 // row of tiles holding one valid row of y. Weights (buffer 0) are the bytes of MLX's uint32 words.
-template <typename T, int group_size, int bits, bool transpose, typename Batch>
-[[kernel]] void affine_qmm(
+template <typename F, bool transpose, typename Batch, typename T = typename F::T>
+[[kernel]] void qmm(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
@@ -180,20 +183,20 @@ template <typename T, int group_size, int bits, bool transpose, typename Batch>
     uint lane [[thread_index_in_simdgroup]]) {
   threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
-  metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
-  metalq::affine_qmm_impl<T, group_size, bits, transpose, T>(
-      w, scales, biases, x, y, params.M, params.N, params.K, 0, params.K, xs, ws, tile.xy, index, simdgroup, lane);
+  metalq::select_matrices<F>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qmm_impl<F, transpose, T>(w, F::bind(scales, biases), x, y, params.M, params.N, params.K, 0, params.K, xs,
+                                    ws, tile.xy, index, simdgroup, lane);
 }
 
 // Split-K: grid z = partitions x batch count; slice z reduces partition p = z / count, k in
 // [p*k_per_split, (p+1)*k_per_split), of batch item z % count and writes its float partial tile to
 // partials[p][item][M][N] (split_k_reduce in qmv.h sums them).
 // E.g. M=33, N=64, K=1024 in 4 partitions: 2x2x4 threadgroups of 8 K steps each.
-template <typename T, int group_size, int bits, bool transpose>
-[[kernel]] void affine_qmm_splitk(
+template <typename F, bool transpose, typename T = typename F::T>
+[[kernel]] void qmm_splitk(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device float* partials [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
@@ -204,12 +207,11 @@ template <typename T, int group_size, int bits, bool transpose>
     uint lane [[thread_index_in_simdgroup]]) {
   threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
-  metalq::select_matrices<group_size, bits>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x,
-                                            partials);
+  metalq::select_matrices<F>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, partials);
   const uint k_begin = (tile.z / batch.count) * params.k_per_split;
-  metalq::affine_qmm_impl<T, group_size, bits, transpose, float>(
-      w, scales, biases, x, partials, params.M, params.N, params.K, k_begin, min(params.K, k_begin + params.k_per_split),
-      xs, ws, tile.xy, index, simdgroup, lane);
+  metalq::qmm_impl<F, transpose, float>(w, F::bind(scales, biases), x, partials, params.M, params.N, params.K, k_begin,
+                                        min(params.K, k_begin + params.k_per_split), xs, ws, tile.xy, index, simdgroup,
+                                        lane);
 }
 
 // Mixture-of-experts decode over expert-sorted items (MLX's gather_qmm_rhs): every item is one row
@@ -217,11 +219,11 @@ template <typename T, int group_size, int bits, bool transpose>
 // non-decreasing in i. Grid (ceil(N/32), ceil(items/32), 1); threadgroup (tx, ty) covers items
 // [32 ty, 32 ty + 32) and runs one GEMM pass over the whole K per run of items sharing an expert,
 // so an expert's weights are read once per tile holding its items instead of once per item.
-template <typename T, int group_size, int bits, bool transpose>
-[[kernel]] void affine_gather_qmm_rhs(
+template <typename F, bool transpose, typename T = typename F::T>
+[[kernel]] void gather_qmm_rhs(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
@@ -240,15 +242,13 @@ template <typename T, int group_size, int bits, bool transpose>
       ++last;
     }
     const device uint8_t* we = w;
-    const device T* se = scales;
-    const device T* be = biases;
+    const device typename F::Scale* se = scales;
+    const device typename F::Bias* be = biases;
     const device T* xr = x;
     device T* yr = y;
-    metalq::offset_matrices<group_size, bits>(metalq::BatchMatrices{first, expert}, first, 1, params.N, params.K,
-                                              we, se, be, xr, yr);
-    metalq::affine_qmm_impl<T, group_size, bits, transpose, T>(we, se, be, xr, yr, last - first, params.N, params.K,
-                                                               0, params.K, xs, ws, uint2(tile.x, 0), index,
-                                                               simdgroup, lane);
+    metalq::offset_matrices<F>(metalq::BatchMatrices{first, expert}, first, 1, params.N, params.K, we, se, be, xr, yr);
+    metalq::qmm_impl<F, transpose, T>(we, F::bind(se, be), xr, yr, last - first, params.N, params.K, 0, params.K, xs,
+                                      ws, uint2(tile.x, 0), index, simdgroup, lane);
     first = last;
   }
 }

@@ -1,8 +1,8 @@
 // Small-M quantized matmuls: y = x @ W.T with W [N, K] packed along K (qmv_fast, qmv, qmv_wide) and
 // y = x @ W with W [K, N] packed along N (qvm, qvm_split_k + split_k_reduce). Helpers -> *_impl ->
-// thin [[kernel]] entries; plan_affine_qmm (csrc/plan.cpp) picks the kernel and its grid.
-// Every kernel accumulates in float and uses the group identity
-//   sum_i x_i * (s * q_i + b) = s * sum_i x_i q_i + b * sum_i x_i.
+// thin [[kernel]] entries, generic over the weight format F (affine or fp, quantized.h); plan_qmm
+// (csrc/plan.cpp) picks the kernel and its grid. Every kernel accumulates in float, uses the group
+// identity of quantized.h (s * sum_i x_i value(q_i) + b * sum_i x_i) and F::finish on each total.
 #pragma once
 
 #include "quantized.h"
@@ -21,9 +21,10 @@ constexpr int decode_step_bytes() {
   return (bits & (bits - 1)) == 0 ? ((n * bits) % 32 == 0 ? 4 : 1) : (bits == 6 ? 3 : bits);
 }
 
-// q[0..n) = the n consecutive values starting at byte p (p is word-aligned when words are read).
-template <int bits, int n>
+// q[0..n) = the n consecutive values of F starting at byte p (p is word-aligned when words are read).
+template <typename F, int n>
 METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
+  constexpr int bits = F::bits;
   constexpr int step_bytes = decode_step_bytes<bits, n>();
   constexpr int step_values = step_bytes * 8 / bits;
   static_assert(n % step_values == 0, "n values must fill whole decoding steps");
@@ -38,7 +39,7 @@ METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
       }
     }
     for (int i = 0; i < step_values; ++i) {
-      q[u * step_values + i] = float(uint(unit >> (bits * i)) & mask);
+      q[u * step_values + i] = F::value(uint(unit >> (bits * i)) & mask);
     }
   }
 }
@@ -53,10 +54,10 @@ METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
 // threadgroup memory: the others leave theirs in `partials`, simdgroup 0 adds them and its lane r
 // writes row r. `guarded` skips rows >= N and lanes past K (qmv); qmv_fast needs N % kQmvRows == 0
 // and K % (32 * values) == 0.
-template <typename T, int group_size, int bits, int values, bool guarded>
-METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const device T* biases,
-                         const device T* x, device T* y, uint N, uint K, uint m, uint first_row,
-                         uint simd_gid, uint simd_lid, threadgroup float* partials) {
+template <typename F, int values, bool guarded, typename T = typename F::T>
+METAL_FUNC void qmv_impl(const device uint8_t* w, F format, const device T* x, device T* y, uint N, uint K, uint m,
+                         uint first_row, uint simd_gid, uint simd_lid, threadgroup float* partials) {
+  constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int rows = kQmvRows;
   constexpr int block = 32 * values;
   constexpr int lanes_per_group = group_size / values;
@@ -84,14 +85,15 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const 
       const bool row_active = !guarded || row < N;  // the same for the whole simdgroup
       float s = 0, b = 0;
       if (row_active && simd_lid < uint(groups_per_block) && g < groups) {
-        s = float(scales[ulong(row) * groups + g]);
-        b = float(biases[ulong(row) * groups + g]);
+        const GroupParams p = format.group(ulong(row) * groups + g);
+        s = p.scale;
+        b = p.bias;
       }
       s = simd_shuffle(s, ushort(simd_lid / lanes_per_group));
       b = simd_shuffle(b, ushort(simd_lid / lanes_per_group));
       if (row_active && lane_active) {
         float q[values];
-        decode_values<bits, values>(w + row * row_bytes + ulong(k) * bits / 8, q);
+        decode_values<F, values>(w + row * row_bytes + ulong(k) * bits / 8, q);
         float dot = 0;
         for (int i = 0; i < values; ++i) {
           dot += xv[i] * q[i];
@@ -113,7 +115,7 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const 
       for (int p = 0; p < kQmvSimdgroups - 1; ++p) {
         total += partials[p * rows + r];
       }
-      y[first_row + r] = T(total);
+      y[first_row + r] = T(format.finish(total));
     }
   }
 }
@@ -123,9 +125,10 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, const device T* scales, const 
 // first_row + 8r + q, r < kQmvQuadRowsPerQuad: at each r the 8 quads read 8 consecutive rows, one
 // contiguous run of bytes. The first lane of each group loads its scale and bias and simd_shuffle
 // hands them to the group's other lanes; two xor shuffles sum the quad (a quad_sum).
-template <typename T, int group_size, int bits, int K>
-METAL_FUNC void qmv_quad_impl(const device uint8_t* w, const device T* scales, const device T* biases,
-                              const device T* x, device T* y, uint N, uint m, uint first_row, uint simd_lid) {
+template <typename F, int K, typename T = typename F::T>
+METAL_FUNC void qmv_quad_impl(const device uint8_t* w, F format, const device T* x, device T* y, uint N, uint m,
+                              uint first_row, uint simd_lid) {
+  constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int values = K / 4;
   constexpr int groups = K / group_size;
   constexpr int lanes_per_group = group_size / values;
@@ -145,15 +148,16 @@ METAL_FUNC void qmv_quad_impl(const device uint8_t* w, const device T* scales, c
     const bool active = row < N;  // the same for the whole quad
     float s = 0, b = 0;
     if (active && k % group_size == 0) {
-      s = float(scales[ulong(row) * groups + g]);
-      b = float(biases[ulong(row) * groups + g]);
+      const GroupParams p = format.group(ulong(row) * groups + g);
+      s = p.scale;
+      b = p.bias;
     }
     s = simd_shuffle(s, group_lane);
     b = simd_shuffle(b, group_lane);
     float acc = 0;
     if (active) {
       float q[values];
-      decode_values<bits, values>(w + ulong(row) * (K * bits / 8) + k * bits / 8, q);
+      decode_values<F, values>(w + ulong(row) * (K * bits / 8) + k * bits / 8, q);
       float dot = 0;
       for (int i = 0; i < values; ++i) {
         dot += xv[i] * q[i];
@@ -163,7 +167,7 @@ METAL_FUNC void qmv_quad_impl(const device uint8_t* w, const device T* scales, c
     acc += simd_shuffle_xor(acc, ushort(1));
     acc += simd_shuffle_xor(acc, ushort(2));
     if (active && k == 0) {
-      y[row] = T(acc);
+      y[row] = T(format.finish(acc));
     }
   }
 }
@@ -172,10 +176,10 @@ METAL_FUNC void qmv_quad_impl(const device uint8_t* w, const device T* scales, c
 // lane walks the row's groups g = lane, lane + 8, ...: it reads the group's scale and bias once,
 // decodes it 8 values (= `bits` bytes) at a time and dots every chunk with all `count` x rows. A
 // shuffle-down ladder then sums the 8 lanes of each row (simd_sum would mix rows).
-template <typename T, int group_size, int bits>
-METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, const device T* biases,
-                              const device T* x, device T* y, uint N, uint K, uint m0, uint count, uint row,
-                              uint k_lane) {
+template <typename F, typename T = typename F::T>
+METAL_FUNC void qmv_wide_impl(const device uint8_t* w, F format, const device T* x, device T* y, uint N, uint K,
+                              uint m0, uint count, uint row, uint k_lane) {
+  constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int vectors = kQmvWideVectors;
   constexpr int lanes = kQmvWideLanesPerRow;
   static_assert(32 % lanes == 0 && group_size % 8 == 0, "rows own whole lane clusters");
@@ -185,12 +189,11 @@ METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, c
   float acc[vectors] = {0};
   if (row < N) {
     for (uint g = k_lane; g < groups; g += lanes) {
-      const float s = float(scales[ulong(row) * groups + g]);
-      const float b = float(biases[ulong(row) * groups + g]);
+      const GroupParams p = format.group(ulong(row) * groups + g);
       float dot[vectors] = {0}, x_sum[vectors] = {0};
       for (int c = 0; c < group_size / 8; ++c) {
         float q[8];
-        decode_values<bits, 8>(w_row + (ulong(g) * group_size + c * 8) * bits / 8, q);
+        decode_values<F, 8>(w_row + (ulong(g) * group_size + c * 8) * bits / 8, q);
         for (int v = 0; v < vectors; ++v) {
           if (uint(v) < count) {
             const device T* xs = x + ulong(m0 + v) * K + g * group_size + c * 8;
@@ -203,7 +206,7 @@ METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, c
         }
       }
       for (int v = 0; v < vectors; ++v) {
-        acc[v] += s * dot[v] + b * x_sum[v];
+        acc[v] += p.scale * dot[v] + p.bias * x_sum[v];
       }
     }
   }
@@ -215,33 +218,40 @@ METAL_FUNC void qmv_wide_impl(const device uint8_t* w, const device T* scales, c
   if (k_lane == 0 && row < N) {
     for (int v = 0; v < vectors; ++v) {
       if (uint(v) < count) {
-        y[ulong(m0 + v) * N + row] = T(acc[v]);
+        y[ulong(m0 + v) * N + row] = T(format.finish(acc[v]));
       }
     }
   }
 }
 
 // y[m, col0 + j] for the kQvmColumnsPerSimdgroup columns j of one simdgroup, over K rows
-// [k_begin, k_end). Lane l takes K rows k_begin + l, + 32, ...: one x value, the row's scale and bias
-// (32 aligned columns sit in one group since group_size >= 32) and 32 decoded weights per step. The 32
+// [k_begin, k_end). Lane l takes K rows k_begin + l, + 32, ...: one x value, and per run of columns
+// sharing a group (all 32 when group_size >= 32, else nvfp4's 16) the row's scale and bias and the
+// run's decoded weights. N is a multiple of group_size, so a run lies wholly inside or past N. The 32
 // column sums are reduced with simd_sum; lane j keeps and writes column j.
-template <typename T, typename OutT, int group_size, int bits>
-METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const device T* biases,
-                         const device T* x, device OutT* y, uint N, uint K, uint m, uint col0, uint k_begin,
-                         uint k_end, uint simd_lid) {
+template <typename F, typename OutT, typename T = typename F::T>
+METAL_FUNC void qvm_impl(const device uint8_t* w, F format, const device T* x, device OutT* y, uint N, uint K,
+                         uint m, uint col0, uint k_begin, uint k_end, uint simd_lid) {
+  constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int cols = kQvmColumnsPerSimdgroup;
-  static_assert(group_size % cols == 0, "a simdgroup's columns lie in one group");
+  constexpr int run = group_size < cols ? group_size : cols;
+  static_assert(group_size % run == 0 && cols % run == 0, "a run of columns lies in one group");
   const uint groups = N / group_size;
   const ulong row_bytes = ulong(N) * bits / 8;
   float acc[cols] = {0};
   for (uint k = k_begin + simd_lid; k < k_end; k += 32) {
     const float xk = float(x[ulong(m) * K + k]);
-    const float xs = xk * float(scales[ulong(k) * groups + col0 / group_size]);
-    const float xb = xk * float(biases[ulong(k) * groups + col0 / group_size]);
-    float q[cols];
-    decode_values<bits, cols>(w + k * row_bytes + col0 * bits / 8, q);
-    for (int j = 0; j < cols; ++j) {
-      acc[j] += xs * q[j] + xb;
+    for (int c = 0; c < cols / run; ++c) {
+      const uint col = col0 + c * run;
+      if (col < N) {
+        const GroupParams p = format.group(ulong(k) * groups + col / group_size);
+        const float xs = xk * p.scale, xb = xk * p.bias;
+        float q[run];
+        decode_values<F, run>(w + k * row_bytes + col * bits / 8, q);
+        for (int j = 0; j < run; ++j) {
+          acc[c * run + j] += xs * q[j] + xb;
+        }
+      }
     }
   }
   float mine = 0;
@@ -249,13 +259,16 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const 
     const float total = simd_sum(acc[j]);
     mine = simd_lid == uint(j) ? total : mine;
   }
-  y[ulong(m) * N + col0 + simd_lid] = OutT(mine);
+  if (col0 + simd_lid < N) {
+    y[ulong(m) * N + col0 + simd_lid] = OutT(format.finish(mine));
+  }
 }
 
 }  // namespace metalq
 
 // ---- kernels ------------------------------------------------------------------------------------
-// Bindings of every small-M kernel: w 0, scales 1, biases 2, x 3, y 4, QmvParams 5, and 6 the batch:
+// Bindings of every small-M kernel: w 0, scales 1 (F::Scale), biases or nvfp4's global scale 2
+// (F::Bias), x 3, y 4, QmvParams 5, and 6 the batch:
 // BatchParams, or for the gather instances (Batch = const device uint2*) the (x, w) matrix pair of
 // every item. Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
 
@@ -263,11 +276,11 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, const device T* scales, const 
 // (M, N / 8, batch): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s over the K steps
 // s, s + 2, ... E.g. 4-bit: a lane reads 16 x values and 8 bytes of each of the 8 rows per step of
 // 512 K values.
-template <typename T, int group_size, int bits, typename Batch>
-[[kernel]] void affine_qmv_fast(
+template <typename F, typename Batch, typename T = typename F::T>
+[[kernel]] void qmv_fast(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
@@ -275,39 +288,39 @@ template <typename T, int group_size, int bits, typename Batch>
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
-  constexpr int values = metalq::qmv_fast_values(bits);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  constexpr int values = metalq::qmv_fast_values(F::bits);
   threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
-  metalq::qmv_impl<T, group_size, bits, values, false>(w, scales, biases, x, y, params.N, params.K, tid.x,
-                                                       tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
+  metalq::qmv_impl<F, values, false>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x,
+                                     tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
 // x @ W.T for K = 64 or 128 and 1/2/4/8 bits: one simdgroup per threadgroup, grid
 // (M, ceil(N / 64), batch); threadgroup (m, t) computes y[m, 64t .. 64t+64). With so short a K a
 // whole simdgroup per row would leave each lane 2-4 values; a quad per row gives it 16-32.
-template <typename T, int group_size, int bits, int K, typename Batch>
-[[kernel]] void affine_qmv_quad(
+template <typename F, int K, typename Batch, typename T = typename F::T>
+[[kernel]] void qmv_quad(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
     Batch batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
-  metalq::qmv_quad_impl<T, group_size, bits, K>(w, scales, biases, x, y, params.N, tid.x,
-                                                tid.y * metalq::kQmvQuadRows, simd_lid);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qmv_quad_impl<F, K>(w, F::bind(scales, biases), x, y, params.N, tid.x, tid.y * metalq::kQmvQuadRows,
+                              simd_lid);
 }
 
 // General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,
 // 256 K per step). Grid (M, ceil(N / 8), batch) as qmv_fast.
-template <typename T, int group_size, int bits, typename Batch>
-[[kernel]] void affine_qmv(
+template <typename F, typename Batch, typename T = typename F::T>
+[[kernel]] void qmv(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
@@ -315,20 +328,20 @@ template <typename T, int group_size, int bits, typename Batch>
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
-  constexpr int values = metalq::qmv_values(bits);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  constexpr int values = metalq::qmv_values(F::bits);
   threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
-  metalq::qmv_impl<T, group_size, bits, values, true>(w, scales, biases, x, y, params.N, params.K, tid.x,
-                                                       tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
+  metalq::qmv_impl<F, values, true>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x,
+                                     tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
 // Small batches: grid (ceil(M / rows_per_tg), ceil(N / 8)); threadgroup (t, r) computes rows
 // 8r .. 8r+8 of y for x rows t * rows_per_tg .. +rows_per_tg, decoding each weight once for all of them.
-template <typename T, int group_size, int bits, typename Batch>
-[[kernel]] void affine_qmv_wide(
+template <typename F, typename Batch, typename T = typename F::T>
+[[kernel]] void qmv_wide(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
@@ -336,22 +349,22 @@ template <typename T, int group_size, int bits, typename Batch>
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   constexpr int lanes = metalq::kQmvWideLanesPerRow;
   const uint m0 = tid.x * params.rows_per_tg;
   const uint count = min(params.rows_per_tg, params.M - m0);
   const uint row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * (32 / lanes) + simd_lid / lanes;
-  metalq::qmv_wide_impl<T, group_size, bits>(w, scales, biases, x, y, params.N, params.K, m0, count, row,
-                                             simd_lid % lanes);
+  metalq::qmv_wide_impl<F>(w, F::bind(scales, biases), x, y, params.N, params.K, m0, count, row, simd_lid % lanes);
 }
 
 // x @ W for small M: grid (M, ceil(N / 64)); threadgroup (m, t) computes y[m, 64t .. 64t+64), 32
-// columns per simdgroup (N is a multiple of group_size >= 32, so a simdgroup is all in or all out).
-template <typename T, int group_size, int bits, typename Batch>
-[[kernel]] void affine_qvm(
+// columns per simdgroup (a simdgroup past N returns; one straddling N, only with nvfp4's group of 16,
+// skips the runs past it).
+template <typename F, typename Batch, typename T = typename F::T>
+[[kernel]] void qvm(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
@@ -363,18 +376,17 @@ template <typename T, int group_size, int bits, typename Batch>
   if (col0 >= params.N) {
     return;
   }
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
-  metalq::qvm_impl<T, T, group_size, bits>(w, scales, biases, x, y, params.N, params.K, tid.x, col0, 0,
-                                           params.K, simd_lid);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qvm_impl<F, T>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x, col0, 0, params.K, simd_lid);
 }
 
 // qvm over K partition p = tid.z / batch.count (rows [p * k_chunk, min(K, (p+1) * k_chunk))) of batch
 // item tid.z % batch.count, writing float partials [partitions, count, M, N]; split_k_reduce sums them.
-template <typename T, int group_size, int bits>
-[[kernel]] void affine_qvm_split_k(
+template <typename F, typename T = typename F::T>
+[[kernel]] void qvm_split_k(
     const device uint8_t* w [[buffer(0)]],
-    const device T* scales [[buffer(1)]],
-    const device T* biases [[buffer(2)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
     const device T* x [[buffer(3)]],
     device float* partials [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
@@ -386,12 +398,11 @@ template <typename T, int group_size, int bits>
   if (col0 >= params.N) {
     return;
   }
-  metalq::select_matrices<group_size, bits>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x,
-                                            partials);
+  metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, partials);
   const uint k_begin = (tid.z / batch.count) * params.k_chunk;
   const uint k_end = min(params.K, k_begin + params.k_chunk);
-  metalq::qvm_impl<T, float, group_size, bits>(w, scales, biases, x, partials, params.N, params.K, tid.x, col0,
-                                               k_begin, k_end, simd_lid);
+  metalq::qvm_impl<F, float>(w, F::bind(scales, biases), x, partials, params.N, params.K, tid.x, col0, k_begin, k_end,
+                             simd_lid);
 }
 
 // One thread per output element (grid as the element-wise kernels): sums its float partials in

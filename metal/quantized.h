@@ -5,6 +5,7 @@
 
 #include <metal_stdlib>
 
+#include "fp_format.h"
 #include "params.h"
 
 using namespace metal;
@@ -127,17 +128,79 @@ METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T 
 // The flat index of this thread in a grid that may wrap into y (see ElementwiseParams).
 METAL_FUNC ulong work_item(uint2 position, uint2 grid) { return ulong(position.y) * grid.x + position.x; }
 
+// ---- weight formats of the matmul kernels (qmv.h, qmm.h) ---------------------------------------
+
+// A format says how a packed value decodes, how its group's scale and bias apply and how a dot ends.
+// The kernels bind scales at buffer 1 (Scale) and at buffer 2 a Bias buffer, and bind() the format
+// to both once select_matrices has pointed them at the batch item's matrix. The GEMV kernels compute
+//   sum_i x_i * (s * value(q_i) + b) = s * sum_i x_i value(q_i) + b * sum_i x_i
+// per group, then finish() the float total; the GEMM stages weight() in its tiles.
+
+// MLX's affine format: value = the unsigned code, T scales and biases (one each per group).
+template <typename T_, int group_size_, int bits_>
+struct Affine {
+  using T = T_;
+  using Scale = T;
+  using Bias = T;
+  static constexpr int group_size = group_size_, bits = bits_;
+  static constexpr bool biases_per_matrix = true;
+  const device T* scales;
+  const device T* biases;
+
+  static METAL_FUNC Affine bind(const device T* scales, const device T* biases) { return {scales, biases}; }
+  static METAL_FUNC float value(uint code) { return float(code); }
+  METAL_FUNC GroupParams group(ulong g) const { return {float(scales[g]), float(biases[g])}; }
+  // The GEMM's tiles: group g read once, then each weight as mx.dequantize rounds it.
+  struct TileGroup {
+    T scale, bias;
+  };
+  METAL_FUNC TileGroup tile_group(ulong g) const { return {scales[g], biases[g]}; }
+  METAL_FUNC T weight(uint code, TileGroup p) const { return dequantize_value(code, p.scale, p.bias); }
+  METAL_FUNC float finish(float total) const { return total; }
+};
+
+// MLX's floating-point modes (fp_format.h): value = the E2M1 / E4M3 element, one uint8 scale per
+// group, no biases. Buffer 2 holds nvfp4's float32 global scale (has_global, else unbound), applied as
+// the CPU op does: to the float total of a GEMV, to each GEMM tile weight (as mx.dequantize).
+template <typename T_, int mode, bool has_global>
+struct Fp {
+  using T = T_;
+  using Scale = uint8_t;
+  using Bias = float;
+  static constexpr int group_size = fp_group_size(mode), bits = fp_bits(mode);
+  static constexpr bool biases_per_matrix = false;
+  const device uint8_t* scales;
+  float inv;  // global_scale / (448 * 6), or 1
+
+  static METAL_FUNC Fp bind(const device uint8_t* scales, const device float* global_scale) {
+    return {scales, has_global ? precise::divide(global_scale[0], kNvfp4GlobalRange) : 1.0f};
+  }
+  static METAL_FUNC float value(uint code) { return fp_element_value(mode, code); }
+  METAL_FUNC GroupParams group(ulong g) const { return {fp_scale_value(mode, scales[g]), 0.0f}; }
+  struct TileGroup {
+    uint scale_code;
+  };
+  METAL_FUNC TileGroup tile_group(ulong g) const { return {scales[g]}; }
+  METAL_FUNC T weight(uint code, TileGroup p) const {
+    return fp_dequantize_value<T>(mode, code, p.scale_code, has_global, inv);
+  }
+  METAL_FUNC float finish(float total) const { return has_global ? total * inv : total; }
+};
+
 // Points x, w, scales and biases at x matrix m.x and w matrix m.w, and y at matrix z of y, for
 // y = x[M, K] @ W.T with W [N, K] or x @ W with W [K, N] (either way a matrix of W holds N * K values
 // in N * K / group_size groups).
-template <int group_size, int bits, typename T, typename Out>
+template <typename F, typename Out>
 METAL_FUNC void offset_matrices(BatchMatrices m, uint z, uint M, uint N, uint K, const device uint8_t* thread& w,
-                                const device T* thread& scales, const device T* thread& biases,
-                                const device T* thread& x, device Out* thread& y) {
+                                const device typename F::Scale* thread& scales,
+                                const device typename F::Bias* thread& biases, const device typename F::T* thread& x,
+                                device Out* thread& y) {
   const ulong values = ulong(N) * K;
-  w += m.w * (values * bits / 8);
-  scales += m.w * (values / group_size);
-  biases += m.w * (values / group_size);
+  w += m.w * (values * F::bits / 8);
+  scales += m.w * (values / F::group_size);
+  if (F::biases_per_matrix) {
+    biases += m.w * (values / F::group_size);
+  }
   x += m.x * (ulong(M) * K);
   y += z * (ulong(M) * N);
 }
@@ -145,23 +208,23 @@ METAL_FUNC void offset_matrices(BatchMatrices m, uint z, uint M, uint N, uint K,
 // Every matmul kernel (qmv.h, qmm.h) starts here: offset_matrices for batch item z % batch.count, with
 // y at matrix z. Split-K kernels number their grid slices z = partition * batch.count + item, so
 // their float partials are [partitions, count, M, N].
-template <int group_size, int bits, typename T, typename Out>
+template <typename F, typename Out>
 METAL_FUNC void select_matrices(constant BatchParams& batch, uint z, uint M, uint N, uint K,
-                                const device uint8_t* thread& w, const device T* thread& scales,
-                                const device T* thread& biases, const device T* thread& x,
+                                const device uint8_t* thread& w, const device typename F::Scale* thread& scales,
+                                const device typename F::Bias* thread& biases, const device typename F::T* thread& x,
                                 device Out* thread& y) {
-  offset_matrices<group_size, bits>(batch_matrices(batch, z % batch.count), z, M, N, K, w, scales, biases, x, y);
+  offset_matrices<F>(batch_matrices(batch, z % batch.count), z, M, N, K, w, scales, biases, x, y);
 }
 
 // The gather kernels (affine_gather_*, MLX's gather_qmm): item z multiplies x matrix pairs[z].x by w
 // matrix pairs[z].y, the lhs and rhs indices broadcast and flattened by the host.
-template <int group_size, int bits, typename T, typename Out>
+template <typename F, typename Out>
 METAL_FUNC void select_matrices(const device uint2* pairs, uint z, uint M, uint N, uint K,
-                                const device uint8_t* thread& w, const device T* thread& scales,
-                                const device T* thread& biases, const device T* thread& x,
+                                const device uint8_t* thread& w, const device typename F::Scale* thread& scales,
+                                const device typename F::Bias* thread& biases, const device typename F::T* thread& x,
                                 device Out* thread& y) {
   const uint2 pair = pairs[z];
-  offset_matrices<group_size, bits>(BatchMatrices{pair.x, pair.y}, z, M, N, K, w, scales, biases, x, y);
+  offset_matrices<F>(BatchMatrices{pair.x, pair.y}, z, M, N, K, w, scales, biases, x, y);
 }
 
 }  // namespace metalq

@@ -1,5 +1,6 @@
-// Instantiations of the kernels in quantized.h: the support table. Host names follow
-// metalq::kernel_name() in csrc/plan.cpp: affine_<kernel>_<type>_gs_<group size>_b_<bits>.
+// Instantiations of the kernels in quantized.h, qmv.h, qmm.h and fp_quantized.h: the support table.
+// Affine host names follow metalq::kernel_name() in csrc/plan.cpp,
+// affine_<kernel>_<type>_gs_<group size>_b_<bits>; the fp modes' fp_kernel_name() (at the end).
 #include "quantized.h"
 #include "fp_quantized.h"
 #include "qmv.h"
@@ -12,13 +13,19 @@
   instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
                      affine_##kernel, type, group_size, bits)
 
-// A matmul kernel twice: over a batch (BatchParams) and as its gather variant affine_gather_<kernel>
-// (the (x, w) matrix pair of every item, see select_matrices in quantized.h).
+#define AFFINE(type, group_size, bits) metalq::Affine<type, group_size, bits>
+
+// A matmul kernel (generic over its weight format) twice: over a batch (BatchParams) and as its
+// gather variant affine_gather_<kernel> (the (x, w) matrix pair of every item, see select_matrices).
 #define instantiate_matmul(kernel, type, group_size, bits) \
   instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
-                     affine_##kernel, type, group_size, bits, constant metalq::BatchParams&) \
+                     kernel, AFFINE(type, group_size, bits), constant metalq::BatchParams&) \
   instantiate_kernel("affine_gather_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
-                     affine_##kernel, type, group_size, bits, const device uint2*)
+                     kernel, AFFINE(type, group_size, bits), const device uint2*)
+
+// A split-K matmul kernel: batches only (BatchParams).
+#define instantiate_split_k(kernel, type, group_size, bits) \
+  instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, kernel, AFFINE(type, group_size, bits))
 
 #define instantiate_bits(leaf, kernel, type, group_size) \
   leaf(kernel, type, group_size, 1) \
@@ -45,15 +52,15 @@ instantiate_types(instantiate_matmul, qmv_fast)
 instantiate_types(instantiate_matmul, qmv)
 instantiate_types(instantiate_matmul, qmv_wide)
 instantiate_types(instantiate_matmul, qvm)
-instantiate_types(instantiate_affine, qvm_split_k)
+instantiate_types(instantiate_split_k, qvm_split_k)
 
 // qmv_quad (qmv.h) for its K (the fourth template argument) and the power-of-two bits, with every
 // group size that divides K: affine_[gather_]qmv_quad_k<K>_<type>_gs_<gs>_b_<bits>.
 #define instantiate_qmv_quad(type, K, group_size, bits) \
-  instantiate_kernel("affine_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, affine_qmv_quad, type, \
-                     group_size, bits, K, constant metalq::BatchParams&) \
-  instantiate_kernel("affine_gather_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, affine_qmv_quad, \
-                     type, group_size, bits, K, const device uint2*)
+  instantiate_kernel("affine_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, qmv_quad, \
+                     AFFINE(type, group_size, bits), K, constant metalq::BatchParams&) \
+  instantiate_kernel("affine_gather_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, qmv_quad, \
+                     AFFINE(type, group_size, bits), K, const device uint2*)
 
 #define instantiate_qmv_quad_bits(type, K, group_size) \
   instantiate_qmv_quad(type, K, group_size, 1) \
@@ -81,22 +88,22 @@ instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
 // nest: affine_[gather_]qmm_{t,n}_<type>_gs_<gs>_b_<bits>, affine_qmm_{t,n}_splitk_... (split_k_reduce
 // sums the partials) and the sorted-expert affine_gather_qmm_rhs_{t,n}_....
 #define instantiate_qmm(type, group_size, bits) \
-  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, true, \
+  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, qmm, AFFINE(type, group_size, bits), true, \
                      constant metalq::BatchParams&) \
-  instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, bits, false, \
-                     constant metalq::BatchParams&) \
-  instantiate_kernel("affine_gather_qmm_t_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, \
-                     bits, true, const device uint2*) \
-  instantiate_kernel("affine_gather_qmm_n_" #type "_gs_" #group_size "_b_" #bits, affine_qmm, type, group_size, \
-                     bits, false, const device uint2*) \
-  instantiate_kernel("affine_qmm_t_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
-                     group_size, bits, true) \
-  instantiate_kernel("affine_qmm_n_splitk_" #type "_gs_" #group_size "_b_" #bits, affine_qmm_splitk, type, \
-                     group_size, bits, false) \
-  instantiate_kernel("affine_gather_qmm_rhs_t_" #type "_gs_" #group_size "_b_" #bits, affine_gather_qmm_rhs, type, \
-                     group_size, bits, true) \
-  instantiate_kernel("affine_gather_qmm_rhs_n_" #type "_gs_" #group_size "_b_" #bits, affine_gather_qmm_rhs, type, \
-                     group_size, bits, false)
+  instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, qmm, AFFINE(type, group_size, bits), \
+                     false, constant metalq::BatchParams&) \
+  instantiate_kernel("affine_gather_qmm_t_" #type "_gs_" #group_size "_b_" #bits, qmm, \
+                     AFFINE(type, group_size, bits), true, const device uint2*) \
+  instantiate_kernel("affine_gather_qmm_n_" #type "_gs_" #group_size "_b_" #bits, qmm, \
+                     AFFINE(type, group_size, bits), false, const device uint2*) \
+  instantiate_kernel("affine_qmm_t_splitk_" #type "_gs_" #group_size "_b_" #bits, qmm_splitk, \
+                     AFFINE(type, group_size, bits), true) \
+  instantiate_kernel("affine_qmm_n_splitk_" #type "_gs_" #group_size "_b_" #bits, qmm_splitk, \
+                     AFFINE(type, group_size, bits), false) \
+  instantiate_kernel("affine_gather_qmm_rhs_t_" #type "_gs_" #group_size "_b_" #bits, gather_qmm_rhs, \
+                     AFFINE(type, group_size, bits), true) \
+  instantiate_kernel("affine_gather_qmm_rhs_n_" #type "_gs_" #group_size "_b_" #bits, gather_qmm_rhs, \
+                     AFFINE(type, group_size, bits), false)
 
 #define instantiate_qmm_bits(type, group_size) \
   instantiate_qmm(type, group_size, 1) \
@@ -116,18 +123,46 @@ instantiate_qmm_types(float)
 instantiate_qmm_types(half)
 instantiate_qmm_types(bfloat)
 
-// Floating-point modes (fp_quantized.h): fp_{quantize,dequantize}_<mode>_<type>[_global] (plan.cpp's
-// fp_kernel_name), the mode as metal/fp_format.h numbers it; only nvfp4 takes a global scale.
+// Floating-point modes: fp_<kernel>_<mode>_<type>[_global] (plan.cpp's fp_kernel_name), the mode as
+// metal/fp_format.h numbers it; only nvfp4 takes a global scale. Besides fp_quantized.h's kernels,
+// every matmul kernel with the format metalq::Fp, over batches only (fp weights are 2-D, no gather):
+// qmv_fast, qmv, qmv_wide, qmv_quad_k64 (and _k128 below), qvm, qvm_split_k, qmm_{t,n}[_splitk].
+#define instantiate_fp_matmul(kernel, mode_name, mode, type, has_global, suffix) \
+  instantiate_kernel("fp_" #kernel "_" #mode_name "_" #type suffix, kernel, metalq::Fp<type, mode, has_global>, \
+                     constant metalq::BatchParams&)
+
 #define instantiate_fp(mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_quantize_" #mode_name "_" #type suffix, fp_quantize, type, mode, has_global) \
-  instantiate_kernel("fp_dequantize_" #mode_name "_" #type suffix, fp_dequantize, type, mode, has_global)
+  instantiate_kernel("fp_dequantize_" #mode_name "_" #type suffix, fp_dequantize, type, mode, has_global) \
+  instantiate_fp_matmul(qmv_fast, mode_name, mode, type, has_global, suffix) \
+  instantiate_fp_matmul(qmv, mode_name, mode, type, has_global, suffix) \
+  instantiate_fp_matmul(qmv_wide, mode_name, mode, type, has_global, suffix) \
+  instantiate_fp_matmul(qvm, mode_name, mode, type, has_global, suffix) \
+  instantiate_kernel("fp_qmv_quad_k64_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
+                     64, constant metalq::BatchParams&) \
+  instantiate_kernel("fp_qvm_split_k_" #mode_name "_" #type suffix, qvm_split_k, metalq::Fp<type, mode, has_global>) \
+  instantiate_kernel("fp_qmm_t_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, true, \
+                     constant metalq::BatchParams&) \
+  instantiate_kernel("fp_qmm_n_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, false, \
+                     constant metalq::BatchParams&) \
+  instantiate_kernel("fp_qmm_t_splitk_" #mode_name "_" #type suffix, qmm_splitk, metalq::Fp<type, mode, has_global>, \
+                     true) \
+  instantiate_kernel("fp_qmm_n_splitk_" #mode_name "_" #type suffix, qmm_splitk, metalq::Fp<type, mode, has_global>, \
+                     false)
 
-#define instantiate_fp_types(mode_name, mode, has_global, suffix) \
-  instantiate_fp(mode_name, mode, float, has_global, suffix) \
-  instantiate_fp(mode_name, mode, half, has_global, suffix) \
-  instantiate_fp(mode_name, mode, bfloat, has_global, suffix)
+// qmv_quad at K = 128 gives each lane 32 values: only for the modes whose groups hold them.
+#define instantiate_fp_quad_k128(mode_name, mode, type, has_global, suffix) \
+  instantiate_kernel("fp_qmv_quad_k128_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
+                     128, constant metalq::BatchParams&)
 
-instantiate_fp_types(mxfp4, 0, false, "")
-instantiate_fp_types(nvfp4, 1, false, "")
-instantiate_fp_types(nvfp4, 1, true, "_global")
-instantiate_fp_types(mxfp8, 2, false, "")
+#define instantiate_fp_types(leaf, mode_name, mode, has_global, suffix) \
+  leaf(mode_name, mode, float, has_global, suffix) \
+  leaf(mode_name, mode, half, has_global, suffix) \
+  leaf(mode_name, mode, bfloat, has_global, suffix)
+
+instantiate_fp_types(instantiate_fp, mxfp4, 0, false, "")
+instantiate_fp_types(instantiate_fp, nvfp4, 1, false, "")
+instantiate_fp_types(instantiate_fp, nvfp4, 1, true, "_global")
+instantiate_fp_types(instantiate_fp, mxfp8, 2, false, "")
+instantiate_fp_types(instantiate_fp_quad_k128, mxfp4, 0, false, "")
+instantiate_fp_types(instantiate_fp_quad_k128, mxfp8, 2, false, "")

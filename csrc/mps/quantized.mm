@@ -37,15 +37,18 @@ at::Tensor affine_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales,
   return out;
 }
 
+void encode_all(const std::vector<DispatchPlan>& plans) {
+  for (const DispatchPlan& plan : plans) {
+    mps::encode(plan);
+  }
+}
+
 at::Tensor affine_qmm_mps(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                           const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
   const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
   auto out = at::empty_symint(shape.out_sizes, x.options());
   if (out.numel() == 0 || shape.K == 0) return out.zero_();
-  const QmmOperands operands = qmm_operands(x, w, scales, biases);
-  for (const DispatchPlan& plan : plan_affine_qmm(operands, out, group_size, bits, transpose)) {
-    mps::encode(plan);
-  }
+  encode_all(plan_qmm(qmm_operands(x, w, scales, biases), out, WeightFormat::affine(group_size, bits), transpose));
   return out;
 }
 
@@ -69,9 +72,7 @@ at::Tensor affine_gather_qmm_mps(const at::Tensor& x, const at::Tensor& w, const
       gather_qmm_operands(shape, x, w, scales, biases, lhs_indices, rhs_indices, sorted_indices);
   auto out = at::empty_symint(shape.out_sizes(), x.options());
   if (out.numel() == 0 || shape.K == 0) return out.zero_();
-  for (const DispatchPlan& plan : plan_affine_gather_qmm(operands, out, group_size, bits, transpose)) {
-    mps::encode(plan);
-  }
+  encode_all(plan_affine_gather_qmm(operands, out, group_size, bits, transpose));
   return out;
 }
 
@@ -104,6 +105,27 @@ at::Tensor fp_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, c10
   return out;
 }
 
+at::Tensor fp_qmm_mps(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      c10::string_view mode_name, const std::optional<at::Tensor>& global_scale, bool transpose) {
+  const int mode = check_fp_mode(op, mode_name);
+  const QmmShape shape = check_fp_qmm(op, x, w, scales, mode, global_scale, transpose);
+  auto out = at::empty_symint(shape.out_sizes, x.options());
+  if (out.numel() == 0 || shape.K == 0) return out.zero_();
+  const QmmOperands operands = qmm_operands(x, w, scales, global_scale.value_or(at::Tensor()));
+  encode_all(plan_qmm(operands, out, WeightFormat::fp(mode, global_scale.has_value()), transpose));
+  return out;
+}
+
+at::Tensor fp_qmm_t_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,
+                        const std::optional<at::Tensor>& global_scale) {
+  return fp_qmm_mps("fp_qmm_t", x, w, scales, mode, global_scale, true);
+}
+
+at::Tensor fp_qmm_n_mps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,
+                        const std::optional<at::Tensor>& global_scale) {
+  return fp_qmm_mps("fp_qmm_n", x, w, scales, mode, global_scale, false);
+}
+
 // pack/unpack are bit shuffles for checkpoint I/O, not the hot path: the CPU op, copied back.
 template <class Signature>
 c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
@@ -130,6 +152,8 @@ TORCH_LIBRARY_IMPL(metalq, MPS, m) {
   m.impl("affine_gather_qmm", &affine_gather_qmm_mps);
   m.impl("fp_quantize", &fp_quantize_mps);
   m.impl("fp_dequantize", &fp_dequantize_mps);
+  m.impl("fp_qmm_t", &fp_qmm_t_mps);
+  m.impl("fp_qmm_n", &fp_qmm_n_mps);
   m.impl("pack", &pack_mps);
   m.impl("unpack", &unpack_mps);
 }
