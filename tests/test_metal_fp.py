@@ -104,6 +104,8 @@ def matmul_cases(mode):
         ("qmv_fast", ["qmv_fast"], 1, 2 * fast_k, 16, True),
         ("qmv-unaligned-N", ["qmv"], 1, 3 * gs, 13, True),
         ("qmv_quad", ["qmv_quad_k64"], 1, 64, 24, True),
+        # K = 128 gives a quad lane 32 values: more than one nvfp4 group, so nvfp4 takes qmv there
+        ("qmv_quad-K128", ["qmv" if gs == 16 else "qmv_quad_k128"], 1, 128, 8, True),
         ("qmv_wide", ["qmv_wide"], 5, 5 * gs, 12, True),
         ("qmm_t", ["qmm_t"], 33, 4 * gs, 40, True),
         ("qmm_t_splitk", ["qmm_t_splitk", "split_k_reduce"], 40, 1024, 24, True),
