@@ -123,6 +123,17 @@ c10::SymInt product(c10::SymIntArrayRef sizes) {
   return n;
 }
 
+// x (..., K) and a weight w (..., rows, words) whose per-group scales share its batch dimensions.
+void check_qmm_ranks(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
+  TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, words), got shape ",
+                    shape_str(w), ".");
+  TORCH_CHECK_VALUE(scales.dim() == w.dim() && scales.sym_sizes().slice(0, w.dim() - 2) ==
+                                                   w.sym_sizes().slice(0, w.dim() - 2),
+                    "[", op, "] Weight and scales should have the same batch shape. Received weight with shape ",
+                    shape_str(w), ", scales with ", shape_str(scales), ".");
+}
+
 // Broadcasts two index shapes as NumPy does; `lhs` and `rhs` name them in the error.
 std::vector<c10::SymInt> broadcast_index_shapes(const char* op, c10::SymIntArrayRef a, const std::string& lhs,
                                                 c10::SymIntArrayRef b, const std::string& rhs) {
@@ -136,6 +147,30 @@ std::vector<c10::SymInt> broadcast_index_shapes(const char* op, c10::SymIntArray
     out[ndim - 1 - i] = da == 1 ? db : da;
   }
   return out;
+}
+
+// A 2-D w serves every leading dimension of x. A batch of weights broadcasts its batch dimensions
+// against those of x [..., M, K], right-aligned (a 1-D x is one row, dropped from the output).
+std::vector<c10::SymInt> qmm_out_sizes(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                       const c10::SymInt& N) {
+  if (w.dim() == 2) {
+    auto sizes = x.sym_sizes().vec();
+    sizes.back() = N;
+    return sizes;
+  }
+  const auto w_batch = w.sym_sizes().slice(0, w.dim() - 2);
+  const auto x_batch = x.dim() > 2 ? x.sym_sizes().slice(0, x.dim() - 2) : c10::SymIntArrayRef();
+  const size_t rank = std::max(x_batch.size(), w_batch.size());
+  TORCH_CHECK_VALUE(rank <= size_t(kMaxBatchDims), "[", op, "] at most ", kMaxBatchDims,
+                    " batch dimensions are supported, but x of shape ", shape_str(x), " and w of shape ",
+                    shape_str(w), " have ", rank, ".");
+  auto sizes = broadcast_index_shapes(op, x_batch, "the batch shape of x", w_batch, "the batch shape of w");
+  TORCH_CHECK_VALUE(product(sizes) <= UINT32_MAX, "[", op, "] the broadcast batch of x of shape ", shape_str(x),
+                    " and w of shape ", shape_str(w), " holds ", product(sizes),
+                    " matrices; at most 2**32 - 1 are supported.");
+  if (x.dim() >= 2) sizes.push_back(x.sym_size(-2));
+  sizes.push_back(N);
+  return sizes;
 }
 
 constexpr const char* kGatherOp = "affine_gather_qmm";
@@ -210,32 +245,9 @@ QmmShape check_affine_qmm(const char* op, const at::Tensor& x, const at::Tensor&
   check_format(op, group_size, bits);
   check_qmm_dtypes(op, x, w, scales, biases);
   check_same_device(op, {{"x", &x}, {"w", &w}, {"scales", &scales}, {"biases", &biases}});
-  TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
-  TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, words), got shape ",
-                    shape_str(w), ".");
-  const auto w_batch = w.sym_sizes().slice(0, w.dim() - 2);
-  TORCH_CHECK_VALUE(scales.dim() == w.dim() && scales.sym_sizes().slice(0, w.dim() - 2) == w_batch, "[", op,
-                    "] Weight and scales should have the same batch shape. Received weight with shape ",
-                    shape_str(w), ", scales with ", shape_str(scales), ".");
+  check_qmm_ranks(op, x, w, scales);
   QmmShape shape = check_qmm_matrix(op, "scales and biases", x, w, scales, group_size, bits, transpose);
-  // A 2-D w serves every leading dimension of x. A batch of weights broadcasts its batch dimensions
-  // against those of x [..., M, K], right-aligned (a 1-D x is one row, dropped from the output).
-  if (w.dim() == 2) {
-    shape.out_sizes = x.sym_sizes().vec();
-    shape.out_sizes.back() = shape.N;
-    return shape;
-  }
-  const auto x_batch = x.dim() > 2 ? x.sym_sizes().slice(0, x.dim() - 2) : c10::SymIntArrayRef();
-  const size_t rank = std::max(x_batch.size(), w_batch.size());
-  TORCH_CHECK_VALUE(rank <= size_t(kMaxBatchDims), "[", op, "] at most ", kMaxBatchDims,
-                    " batch dimensions are supported, but x of shape ", shape_str(x), " and w of shape ",
-                    shape_str(w), " have ", rank, ".");
-  shape.out_sizes = broadcast_index_shapes(op, x_batch, "the batch shape of x", w_batch, "the batch shape of w");
-  TORCH_CHECK_VALUE(product(shape.out_sizes) <= UINT32_MAX, "[", op, "] the broadcast batch of x of shape ",
-                    shape_str(x), " and w of shape ", shape_str(w), " holds ", product(shape.out_sizes),
-                    " matrices; at most 2**32 - 1 are supported.");
-  if (x.dim() >= 2) shape.out_sizes.push_back(x.sym_size(-2));
-  shape.out_sizes.push_back(shape.N);
+  shape.out_sizes = qmm_out_sizes(op, x, w, shape.N);
   return shape;
 }
 
@@ -354,10 +366,10 @@ QmmShape check_fp_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, 
   check_fp_scales(op, scales);
   check_same_device(op, {{"x", &x}, {"w", &w}, {"scales", &scales}});
   check_global_scale(op, mode, global_scale, w);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "[", op, "] x must have at least 1 dimension (..., K).");
-  TORCH_CHECK_VALUE(w.dim() == 2, "[", op, "] w must be 2-D, got shape ", shape_str(w), ".");
-  TORCH_CHECK_VALUE(scales.dim() == 2, "[", op, "] scales must be 2-D, got shape ", shape_str(scales), ".");
-  return check_qmm_matrix(op, "scales", x, w, scales, fp_group_size(mode), fp_bits(mode), transpose);
+  check_qmm_ranks(op, x, w, scales);
+  QmmShape shape = check_qmm_matrix(op, "scales", x, w, scales, fp_group_size(mode), fp_bits(mode), transpose);
+  shape.out_sizes = qmm_out_sizes(op, x, w, shape.N);
+  return shape;
 }
 
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits) {

@@ -79,6 +79,7 @@ c10::SymInt check_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
 // fp_dequantize's output dtype: `dtype`, else MLX's default: bfloat16, or float32 with a global scale.
 at::ScalarType fp_dequantize_dtype(std::optional<at::ScalarType> dtype, const std::optional<at::Tensor>& global_scale);
 
+// w and scales may carry batch dimensions (the same for both), broadcast against x as for check_affine_qmm.
 QmmShape check_fp_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int mode,
                       const std::optional<at::Tensor>& global_scale, bool transpose);
 

@@ -75,9 +75,8 @@ at::Tensor fp_dequantize_meta(const at::Tensor& wq, const at::Tensor& scales, c1
 
 at::Tensor fp_qmm_meta(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        c10::string_view mode_name, const std::optional<at::Tensor>& global_scale, bool transpose) {
-  auto sizes = x.sym_sizes().vec();
-  sizes.back() = check_fp_qmm(op, x, w, scales, check_fp_mode(op, mode_name), global_scale, transpose).N;
-  return at::empty_symint(sizes, x.options());
+  return at::empty_symint(check_fp_qmm(op, x, w, scales, check_fp_mode(op, mode_name), global_scale, transpose).out_sizes,
+                          x.options());
 }
 
 at::Tensor fp_qmm_t_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,

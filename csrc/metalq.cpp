@@ -76,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
     const char* op = transpose ? "fp_qmm_t" : "fp_qmm_n";
     const int mode = metalq::check_fp_mode(op, mode_name);
     metalq::check_fp_qmm(op, x, w, scales, mode, global_scale, transpose);
-    const auto operands = metalq::qmm_operands(x, w, scales, global_scale.value_or(at::Tensor()));
+    const auto operands = metalq::fp_qmm_operands(x, w, scales, global_scale);
     return plans_to_python(
         metalq::plan_qmm(operands, out, metalq::WeightFormat::fp(mode, global_scale.has_value()), transpose));
   });

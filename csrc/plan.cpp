@@ -260,9 +260,11 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
   ops.M = ops.x.size(-2);
   // w, scales and biases share one batch shape; one copy where all three broadcast.
   auto w_dims = broadcast_dims(w, w.dim() - 2);
-  const auto s_dims = broadcast_dims(scales, w.dim() - 2), b_dims = broadcast_dims(biases, w.dim() - 2);
+  const auto s_dims = broadcast_dims(scales, w.dim() - 2);
+  const auto b_dims = biases.defined() ? broadcast_dims(biases, w.dim() - 2) : s_dims;
   for (size_t d = 0; d < w_dims.size(); ++d) w_dims[d] = w_dims[d] && s_dims[d] && b_dims[d];
-  ops.w = unbroadcast(w, w_dims), ops.scales = unbroadcast(scales, w_dims), ops.biases = unbroadcast(biases, w_dims);
+  ops.w = unbroadcast(w, w_dims), ops.scales = unbroadcast(scales, w_dims);
+  if (biases.defined()) ops.biases = unbroadcast(biases, w_dims);
 
   // Sizes from the operands as given, strides from the single copies bound.
   const auto x_batch = xm.sizes().slice(0, xm.dim() - 2), w_batch = w.sizes().slice(0, w.dim() - 2);
@@ -301,6 +303,13 @@ QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Ten
   }
   TORCH_INTERNAL_ASSERT(count <= UINT32_MAX, "checks bound the batch count");
   ops.batch.count = uint32_t(count);
+  return ops;
+}
+
+QmmOperands fp_qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& global_scale) {
+  QmmOperands ops = qmm_operands(x, w, scales, at::Tensor());
+  if (global_scale) ops.biases = global_scale->contiguous();
   return ops;
 }
 

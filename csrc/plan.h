@@ -83,10 +83,12 @@ struct QmmOperands {
   bool sorted_rows = false;
 };
 
-// x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row); or for an fp
-// mode, validated by check_fp_qmm (2-D w), with biases its global scale or an undefined tensor.
+// x, w, scales, biases validated by check_affine_qmm (any strides; a 1-D x is one row).
 QmmOperands qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const at::Tensor& biases);
+// The same for an fp mode, validated by check_fp_qmm: biases holds the global scale, if any.
+QmmOperands fp_qmm_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& global_scale);
 
 // y = x @ dequant(w).T (transpose) or x @ dequant(w), w in `format`, into a contiguous out of the op's
 // output shape (batch.count matrices [M, N]): the dispatches in order (split-K adds a reduce).

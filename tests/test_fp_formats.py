@@ -207,6 +207,80 @@ def test_qmm_batched_x_and_threads():
         torch.set_num_threads(before)
 
 
+# ---- batches of weights: broadcast against x like torch.matmul -----------------------------------
+
+# (x shape, w batch): batch dimensions on both sides, size-1 dimensions on either, x without batch.
+BATCH_PATTERNS = [((3, 5), (3,)), ((2, 1, 4), (3,)), ((1, 9), (2, 3)), ((4,), (2,)), ((), (2, 1))]
+FP_CASES = [("mxfp4", None), ("nvfp4", 0.37), ("mxfp8", None)]
+
+
+def batched_quantized(mode, g, batch, rows, cols, seed=0):
+    w = torch.randn(*batch, rows, cols, generator=torch.Generator().manual_seed(seed)) / cols**0.5
+    return metalq.fp_quantize(w, mode, global_tensor(g))
+
+
+def batched_reference(x, b64):
+    """float64 x @ b64 and |x| @ |b64| with torch.matmul's broadcasting (a 1-D x as one row, dropped)."""
+    x64 = x.double().unsqueeze(-2) if x.dim() == 1 else x.double()
+    y, mag = x64 @ b64, x64.abs() @ b64.abs()
+    return (y.squeeze(-2), mag.squeeze(-2)) if x.dim() == 1 else (y, mag)
+
+
+@pytest.mark.parametrize("pattern", BATCH_PATTERNS, ids=lambda p: f"x{p[0]}-w{p[1]}")
+@pytest.mark.parametrize("transpose", (True, False), ids=("qmm_t", "qmm_n"))
+@pytest.mark.parametrize("mode,g", FP_CASES, ids=lambda v: str(v))
+def test_batched_qmm_matches_float64(mode, g, transpose, pattern):
+    x_batch, w_batch = pattern
+    K = 3 * GROUP[mode]
+    rows, cols = (40, K) if transpose else (K, 2 * GROUP[mode])
+    wq, s = batched_quantized(mode, g, w_batch, rows, cols)
+    b64 = dense(wq, s, mode, g)
+    b64 = b64.mT if transpose else b64
+    dtype = torch.bfloat16 if transpose else torch.float16
+    x = torch.randn(*x_batch, K, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = (metalq.fp_qmm_t if transpose else metalq.fp_qmm_n)(x, wq, s, mode, global_tensor(g))
+    ref, mag = batched_reference(x, b64)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert ((y.double() - ref).abs() <= TOL[dtype] * mag + 1e-30).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_qmm_matches_mlx(mode):
+    """MLX broadcasts a batch of weights against an x of more than 2 dimensions."""
+    mx = require_mlx()
+    K = 2 * GROUP[mode]
+    x = torch.randn(2, 1, 3, K, generator=torch.Generator().manual_seed(6))
+    for transpose, op, (rows, cols) in ((True, metalq.fp_qmm_t, (24, K)), (False, metalq.fp_qmm_n, (K, 64))):
+        w = torch.randn(3, rows, cols, generator=torch.Generator().manual_seed(5)) / cols**0.5
+        mwq, ms = mx.quantize(to_mlx(w), mode=mode)[:2]
+        ref = torch.from_numpy(np.array(mx.quantized_matmul(to_mlx(x), mwq, ms, transpose=transpose, mode=mode)))
+        wq = torch.from_numpy(np.array(mwq).view(np.int32)).view(torch.uint32)
+        s = torch.from_numpy(np.array(ms))
+        y = op(x, wq, s, mode)
+        b64 = dense(wq, s, mode, None)
+        _, mag = batched_reference(x, b64.mT if transpose else b64)
+        assert y.shape == ref.shape == (2, 3, 3, rows if transpose else cols)
+        assert ((y.double() - ref.double()).abs() <= TOL[torch.float32] * mag + 1e-30).all()
+
+
+@pytest.mark.parametrize("pattern", [((2, 1, 4), (3,)), ((), (2, 1))], ids=lambda p: f"x{p[0]}-w{p[1]}")
+@pytest.mark.parametrize("transpose", (True, False), ids=("qmm_t", "qmm_n"))
+def test_batched_grad_x_sums_over_broadcast(transpose, pattern):
+    x_batch, w_batch = pattern
+    rows, cols = (24, 64) if transpose else (64, 96)
+    wq, s = batched_quantized("mxfp4", None, w_batch, rows, cols)
+    x = torch.randn(*x_batch, 64, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    y = (metalq.fp_qmm_t if transpose else metalq.fp_qmm_n)(x, wq, s, "mxfp4")
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    y.backward(grad_out)
+    b64 = dense(wq, s, "mxfp4", None)
+    x64 = x.detach().double().requires_grad_()
+    ref = batched_reference(x64, b64.mT if transpose else b64)[0]
+    ref.backward(grad_out.double())
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
 # ---- autograd and torch.library ------------------------------------------------------------------
 
 def test_autograd_x():
@@ -235,6 +309,8 @@ def opcheck_cases():
         "fp_qmm_t": (ops.fp_qmm_t.default, (x.clone().requires_grad_(), wq, s, "nvfp4", g)),
         "fp_qmm_t_bf16": (ops.fp_qmm_t.default, (x.bfloat16().requires_grad_(), wq, s, "nvfp4")),
         "fp_qmm_n": (ops.fp_qmm_n.default, (x.clone().requires_grad_(), wq_n, s_n, "mxfp8")),
+        "fp_qmm_t_batched": (ops.fp_qmm_t.default, (torch.randn(2, 1, 3, 64, requires_grad=True),
+                                                    *batched_quantized("mxfp4", None, (3,), 8, 64), "mxfp4")),
     }
 
 
@@ -254,6 +330,8 @@ def test_meta_shapes():
     assert ops.fp_dequantize(wq, s, "nvfp4", g).dtype == torch.float32
     y = ops.fp_qmm_t(torch.empty(3, 256, dtype=torch.float16, device=m), wq, s, "nvfp4", g)
     assert (y.shape, y.dtype) == ((3, 40), torch.float16)
+    wq, s = ops.fp_quantize(torch.empty(4, 1, 24, 64, device=m), "mxfp4")
+    assert ops.fp_qmm_t(torch.empty(3, 5, 64, device=m), wq, s, "mxfp4").shape == (4, 3, 5, 24)
 
 
 # ---- validation: MLX's wording where MLX has a rule ---------------------------------------------
@@ -282,6 +360,10 @@ def test_bad_arguments():
         (lambda: metalq.fp_qmm_t(torch.randn(2, 32), wq, s.float(), "nvfp4"), TypeError, r"Scale type must be uint8"),
         (lambda: metalq.fp_qmm_t(torch.randn(2, 64), wq, s, "nvfp4"), ValueError, r"must equal K=32"),
         (lambda: metalq.fp_qmm_t(torch.randn(2, 32).int(), wq, s, "nvfp4"), TypeError, r"x must be float32"),
+        (lambda: metalq.fp_qmm_t(torch.randn(2, 32), wq.expand(2, 4, 4), s, "nvfp4"), ValueError,
+         r"Weight and scales should have the same batch shape"),
+        (lambda: metalq.fp_qmm_t(torch.randn(3, 2, 32), wq.expand(2, 4, 4), s.expand(2, 4, 2), "nvfp4"), ValueError,
+         r"the batch shape of x with shape \(3\) and the batch shape of w with shape \(2\) cannot be broadcast"),
     ]
     for call, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):

@@ -156,6 +156,37 @@ def test_qmm_every_branch_matches_oracles(lib, mode, g, dtype, order):
         assert torch.all((got.double() - cpu).abs() <= 2 * bound), f"{name}: differs from the CPU op"
 
 
+def batched_cases(mode):
+    """(expected kernels, x shape, w batch, K, N, transpose, dtype): batches on both sides and broadcast."""
+    gs = GROUP[mode]
+    return [
+        (["qmv"], (2, 1, 1, 3 * gs), (1, 3), 3 * gs, 13, True, torch.float16),
+        (["qmm_t"], (2, 9, 4 * gs), (2,), 4 * gs, 40, True, torch.bfloat16),
+        (["qmm_n"], (1, 2, 10, 96), (3, 1), 96, 2 * gs, False, torch.float32),
+    ]
+
+
+@pytest.mark.parametrize("mode,g", MODE_CASES, ids=MODE_IDS)
+def test_batched_weights_match_cpu(lib, mode, g):
+    """Batches of fp weights walk grid z like affine ones (test_metal_batched.py): same plan, same result."""
+    for i, (kernels, x_shape, w_batch, K, N, transpose, dtype) in enumerate(batched_cases(mode)):
+        gen = torch.Generator().manual_seed(i)
+        w = torch.randn(*w_batch, *((N, K) if transpose else (K, N)), generator=gen).to(dtype)
+        wq, scales = ops.fp_quantize(w, mode, global_tensor(g))
+        x = torch.randn(x_shape, generator=gen).to(dtype)
+        cpu_op = ops.fp_qmm_t if transpose else ops.fp_qmm_n
+        cpu = cpu_op(x, wq, scales, mode, global_tensor(g))
+        out = torch.full_like(cpu, float("nan"))
+        plans = metalq._C.plan_fp_qmm(x, wq, scales, global_tensor(g), out, mode, transpose)
+        assert [kernel_base(p["kernel"], mode) for p in plans] == kernels, x_shape
+        for plan in plans:
+            lib.run(plan, "reverse")
+        dense = ops.fp_dequantize(wq, scales, mode, global_tensor(g), torch.float32).double()
+        magnitude = x.double().abs() @ (dense.mT if transpose else dense).abs()
+        err = (out.double() - cpu.double()).abs()
+        assert torch.all(err <= 2 * TOLERANCE[dtype] * magnitude + 1e-30), f"{x_shape}: differs from the CPU op"
+
+
 @pytest.mark.parametrize("mode,g", MODE_CASES, ids=MODE_IDS)
 def test_decode_gemv_reads_weights_once(lib, mode, g):
     # qmv_fast over several K steps: every byte of W and of its scales read once, y written once.

@@ -93,21 +93,23 @@ at::Tensor fp_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, 
                       c10::string_view mode_name, const std::optional<at::Tensor>& global_scale, bool transpose) {
   const int mode = check_fp_mode(op, mode_name);
   const QmmShape shape = check_fp_qmm(op, x, w, scales, mode, global_scale, transpose);
-  auto wc = w.contiguous(), sc = scales.contiguous();
   // The kernels see E2M1 doubled and E4M3 in units of 2^-9 (kernels.h); value_scale undoes that.
   const float code_unit = mode == kMxfp8 ? 1.0f / 512.0f : 0.5f;
   const float global = global_scale ? global_value(global_scale) / kNvfp4GlobalRange : 1.0f;
-  const cpu::PackedMatrix W{static_cast<const uint8_t*>(wc.data_ptr()),
-                            sc.data_ptr(),
-                            nullptr,
-                            mode == kNvfp4 ? cpu::ScalarKind::e4m3 : cpu::ScalarKind::e8m0,
-                            w.size(0),
-                            w.size(1) * 32 / fp_bits(mode),
-                            fp_bits(mode),
-                            fp_group_size(mode),
-                            mode == kMxfp8 ? cpu::ValueCode::e4m3 : cpu::ValueCode::e2m1,
-                            code_unit * global};
-  return cpu::packed_qmm(W, x, shape.N.expect_int(), transpose);
+  return cpu::batched_qmm(shape, x, w, scales, at::Tensor(),
+                          [&](const at::Tensor& wm, const at::Tensor& sm, const at::Tensor&) {
+                            return cpu::PackedMatrix{static_cast<const uint8_t*>(wm.data_ptr()),
+                                                     sm.data_ptr(),
+                                                     nullptr,
+                                                     mode == kNvfp4 ? cpu::ScalarKind::e4m3 : cpu::ScalarKind::e8m0,
+                                                     wm.size(0),
+                                                     wm.size(1) * 32 / fp_bits(mode),
+                                                     fp_bits(mode),
+                                                     fp_group_size(mode),
+                                                     mode == kMxfp8 ? cpu::ValueCode::e4m3 : cpu::ValueCode::e2m1,
+                                                     code_unit * global};
+                          },
+                          transpose);
 }
 
 at::Tensor fp_qmm_t_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, c10::string_view mode,

@@ -295,25 +295,9 @@ at::Tensor blocks_qmm_n(const std::vector<RowBlock>& blocks, const at::Tensor& x
 
 namespace cpu {
 
-at::Tensor packed_qmm(const PackedMatrix& W, const at::Tensor& x, int64_t N, bool transpose) {
-  const int64_t K = x.size(-1);
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  if (x.numel() == 0 || K == 0) return at::zeros(out_sizes, x.options());
-  auto x2 = x.reshape({-1, K});
-  const std::vector<RowBlock> all_rows{{W, 0, x2.size(0)}};
-  const auto y = transpose ? blocks_qmm_t(all_rows, x2) : blocks_qmm_n(all_rows, x2);
-  return y.to(x.scalar_type()).view(out_sizes);
-}
-
-}  // namespace cpu
-
-namespace {
-
-at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
-  const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
-  const int64_t K = shape.K.expect_int(), N = shape.N.expect_int();
+at::Tensor batched_qmm(const QmmShape& shape, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const at::Tensor& biases, const MatrixOf& matrix, bool transpose) {
+  const int64_t K = shape.K.expect_int();
   const auto out_sizes = C10_AS_INTARRAYREF_SLOW(shape.out_sizes);
   if (c10::multiply_integers(out_sizes) == 0 || K == 0) return at::zeros(out_sizes, x.options());
   const QmmOperands ops = qmm_operands(x, w, scales, biases);
@@ -321,7 +305,7 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
   const int64_t rows = ops.w.size(-2);
   const at::Tensor ws = ops.w.view({-1, rows, ops.w.size(-1)});
   const at::Tensor ss = ops.scales.view({-1, rows, ops.scales.size(-1)});
-  const at::Tensor bs = ops.biases.view({-1, rows, ops.biases.size(-1)});
+  const at::Tensor bs = biases.defined() ? ops.biases.view({-1, rows, ops.biases.size(-1)}) : at::Tensor();
   // One row block per run of batch items that share a matrix of w (all of them for a 2-D w), so the
   // whole batch is one parallel region and each matrix of w is decoded once per run.
   std::vector<RowBlock> blocks;
@@ -332,7 +316,7 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
     x_matrices[b] = m.x;
     x_in_order = x_in_order && m.x == b;
     if (b == 0 || m.w != batch_matrices(ops.batch, uint32_t(b - 1)).w) {
-      blocks.push_back({packed_matrix(ws[m.w], ss[m.w], bs[m.w], group_size, bits), b * M, 0});
+      blocks.push_back({matrix(ws[m.w], ss[m.w], bs.defined() ? bs[m.w] : at::Tensor()), b * M, 0});
     }
     blocks.back().rows += M;
   }
@@ -341,6 +325,20 @@ at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor&
                                        : ops.x.view({-1, M, K}).index_select(0, at::tensor(x_matrices)).view({-1, K});
   const auto y = transpose ? blocks_qmm_t(blocks, x_rows) : blocks_qmm_n(blocks, x_rows);
   return y.to(x.scalar_type()).view(out_sizes);
+}
+
+}  // namespace cpu
+
+namespace {
+
+at::Tensor affine_qmm_cpu(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+  const QmmShape shape = check_affine_qmm(op, x, w, scales, biases, group_size, bits, transpose);
+  return cpu::batched_qmm(shape, x, w, scales, biases,
+                          [&](const at::Tensor& wm, const at::Tensor& sm, const at::Tensor& bm) {
+                            return packed_matrix(wm, sm, bm, group_size, bits);
+                          },
+                          transpose);
 }
 
 at::Tensor affine_qmm_t_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,

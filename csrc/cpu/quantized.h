@@ -4,14 +4,22 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 
+#include "../checks.h"
 #include "kernels.h"
 
 namespace metalq::cpu {
 
-// x (..., K) @ W.T (transpose: W is [N, K]) or x @ W (W is [K, N]), as (..., N) in x's dtype,
-// accumulated in float32: fused kernels for few rows of x, dequantized tiles and a GEMM for many.
-at::Tensor packed_qmm(const PackedMatrix& W, const at::Tensor& x, int64_t N, bool transpose);
+// One matrix of w [rows, words] with its scales and biases (undefined for an fp mode) as the kernels
+// read it; the views stay alive for the whole product.
+using MatrixOf = std::function<PackedMatrix(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& biases)>;
+
+// x @ W.T (transpose: each matrix of w is [N, K]) or x @ W (W is [K, N]) with x, w, scales, biases as
+// validated into `shape` by the op's check (a batch of weights broadcasts like torch.matmul), in x's
+// dtype, accumulated in float32: fused kernels for few rows of x, dequantized tiles and a GEMM for many.
+at::Tensor batched_qmm(const QmmShape& shape, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const at::Tensor& biases, const MatrixOf& matrix, bool transpose);
 
 // ---- the LSB-first bitstream of MLX's format ----------------------------------------------------
 

@@ -111,7 +111,7 @@ at::Tensor fp_qmm_mps(const char* op, const at::Tensor& x, const at::Tensor& w, 
   const QmmShape shape = check_fp_qmm(op, x, w, scales, mode, global_scale, transpose);
   auto out = at::empty_symint(shape.out_sizes, x.options());
   if (out.numel() == 0 || shape.K == 0) return out.zero_();
-  const QmmOperands operands = qmm_operands(x, w, scales, global_scale.value_or(at::Tensor()));
+  const QmmOperands operands = fp_qmm_operands(x, w, scales, global_scale);
   encode_all(plan_qmm(operands, out, WeightFormat::fp(mode, global_scale.has_value()), transpose));
   return out;
 }

@@ -199,11 +199,13 @@ def fp_qmm_t(
 
     Args:
         x: ``(..., K)`` float32, float16 or bfloat16.
-        w: uint32 ``(N, K*bits/32)``, packed along K; scales: uint8 ``(N, K/group_size)``.
+        w: uint32 ``(..., N, K*bits/32)``, packed along K; scales: uint8 ``(..., N, K/group_size)`` with
+            the same batch dimensions.
         mode, global_scale: as given to :func:`fp_quantize`.
 
     Returns:
-        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+        ``(..., N)`` in ``x.dtype``, accumulated in float32. A 2-D ``w`` serves every leading dimension of
+        ``x``; a batch of weights broadcasts as in :func:`affine_qmm_t`.
     """
     return _ops.fp_qmm_t(x, w, scales, mode, global_scale)
 
@@ -219,7 +221,8 @@ def fp_qmm_n(
     :func:`fp_qmm_t` with respect to x).
 
     Returns:
-        ``(..., N)`` in ``x.dtype``, accumulated in float32.
+        ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
+        :func:`affine_qmm_t`.
     """
     return _ops.fp_qmm_n(x, w, scales, mode, global_scale)
 
@@ -250,25 +253,24 @@ def _reject_weight_grads(ctx):
         )
 
 
-def _grad_x(ctx, grad, transposed_op):
-    """d/dx of a qmm: grad times the weight in the other orientation, summed over the batch
-    dimensions that broadcast x (a 1-D x with a batch of weights was one row)."""
+def _grad_x(ctx, grad, w, times_weight):
+    """d/dx of a qmm: ``times_weight(grad)``, grad times the weight in the other orientation, summed
+    over the batch dimensions that broadcast x (a 1-D x with a batch of weights was one row)."""
     if not ctx.needs_input_grad[0]:
         return None
-    w, scales, biases = ctx.saved_tensors
     if w.dim() > 2 and len(ctx.x_shape) == 1:
         grad = grad.unsqueeze(-2)
-    return transposed_op(grad, w, scales, biases, ctx.group_size, ctx.bits).sum_to_size(ctx.x_shape)
+    return times_weight(grad).sum_to_size(ctx.x_shape)
 
 
-def _qmm_t_backward(ctx, grad):
-    _reject_weight_grads(ctx)
-    return _grad_x(ctx, grad, _ops.affine_qmm_n), None, None, None, None, None
+def _affine_qmm_backward(transposed_op):
+    def backward(ctx, grad):
+        _reject_weight_grads(ctx)
+        w, scales, biases = ctx.saved_tensors
+        grad_x = _grad_x(ctx, grad, w, lambda g: transposed_op(g, w, scales, biases, ctx.group_size, ctx.bits))
+        return grad_x, None, None, None, None, None
 
-
-def _qmm_n_backward(ctx, grad):
-    _reject_weight_grads(ctx)
-    return _grad_x(ctx, grad, _ops.affine_qmm_t), None, None, None, None, None
+    return backward
 
 
 def _setup_gather_qmm_context(ctx, inputs, output):
@@ -299,8 +301,10 @@ def _gather_qmm_backward(ctx, grad):
     return (grad_x.view(ctx.x_shape),) + (None,) * 9
 
 
-torch.library.register_autograd("metalq::affine_qmm_t", _qmm_t_backward, setup_context=_setup_qmm_context)
-torch.library.register_autograd("metalq::affine_qmm_n", _qmm_n_backward, setup_context=_setup_qmm_context)
+torch.library.register_autograd("metalq::affine_qmm_t", _affine_qmm_backward(_ops.affine_qmm_n),
+                                setup_context=_setup_qmm_context)
+torch.library.register_autograd("metalq::affine_qmm_n", _affine_qmm_backward(_ops.affine_qmm_t),
+                                setup_context=_setup_qmm_context)
 torch.library.register_autograd("metalq::affine_gather_qmm", _gather_qmm_backward,
                                 setup_context=_setup_gather_qmm_context)
 
@@ -308,9 +312,9 @@ torch.library.register_autograd("metalq::affine_gather_qmm", _gather_qmm_backwar
 
 
 def _setup_fp_qmm_context(ctx, inputs, output):
-    _, w, scales, mode, global_scale = inputs
+    x, w, scales, mode, global_scale = inputs
     ctx.save_for_backward(w, scales, global_scale)
-    ctx.mode = mode
+    ctx.mode, ctx.x_shape = mode, x.shape
 
 
 def _reject_fp_weight_grads(ctx):
@@ -325,7 +329,7 @@ def _fp_qmm_backward(transposed_op):
     def backward(ctx, grad):
         _reject_fp_weight_grads(ctx)
         w, scales, global_scale = ctx.saved_tensors
-        grad_x = transposed_op(grad, w, scales, ctx.mode, global_scale) if ctx.needs_input_grad[0] else None
+        grad_x = _grad_x(ctx, grad, w, lambda g: transposed_op(g, w, scales, ctx.mode, global_scale))
         return grad_x, None, None, None, None
 
     return backward
