@@ -1,12 +1,15 @@
 """The macOS build and MPS backend, checked on Linux as far as that is honest.
 
-- tools/embed_metal.py: the Metal-compiler probe and its fallback decision (with a fake `xcrun`), the
-  generated header (compiled and read back), and the embedded sources (same tokens as metal/, and the
-  flattened quantized.metal runs bit-exact in the emulator).
-- csrc/mps/*.mm: parsed by clang-19 as Objective-C++ with ARC and blocks, against torch's real headers
-  and tests/objc_stubs (declarations of exactly the Apple symbols used), for both header variants.
+- tools/metal_library.py: the metallib build and its fallback to embedded sources on any Metal
+  compiler failure (with a fake `xcrun`), the generated header (compiled and read back), and the
+  embedded sources (every kernel of metal/, each compiling alone and running bit-exact in the emulator).
+- setup.py: the flags of its macOS and Linux branches and the files it writes beside the extension.
+- csrc/mps/*.mm: parsed by clang-19 as Objective-C++ with ARC and blocks, against the installed
+  torch's headers and tests/objc_stubs (declarations of exactly the Apple symbols used), for both
+  header variants; tests/test_macos_torch.py repeats that against the real macOS torch wheels.
   Not checked here: Apple's real headers, linking, and anything at run time (see benchmarks/bench_mps.py).
 """
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,34 +21,11 @@ import emulator
 import metalq
 from conftest import require
 
-ROOT = Path(__file__).resolve().parents[1]
-METAL = ROOT / "metal"
-STUBS = ROOT / "tests" / "objc_stubs"
-sys.path.insert(0, str(ROOT / "tools"))
-import embed_metal  # noqa: E402
+from mac_build import (CLT_ERROR, METAL, MM_CASE_IDS, MM_CASES, ROOT, XCODE26_ERROR, FakeXcrun, compile_objcxx,
+                       generate_header, metal_library, run_setup_py)
 
 CLANG = emulator.CLANG
-CLT_ERROR = 'xcrun: error: unable to find utility "metal", not a developer tool or in PATH'
-XCODE26_ERROR = ("error: cannot execute tool 'metal' due to missing Metal Toolchain; "
-                 "use: xcodebuild -downloadComponent MetalToolchain")
-
-
-class FakeXcrun:
-    """Records commands; `metal` fails with `metal_error` (if set), compiles "write" their -o file."""
-
-    def __init__(self, metal_error=None, fail_on=None):
-        self.metal_error, self.fail_on, self.commands = metal_error, fail_on, []
-
-    def __call__(self, cmd):
-        cmd = list(cmd)
-        self.commands.append(cmd)
-        if self.metal_error and "metal" in cmd:
-            return subprocess.CompletedProcess(cmd, 1, "", self.metal_error + "\n")
-        if self.fail_on and any(self.fail_on in part for part in cmd):
-            return subprocess.CompletedProcess(cmd, 1, "", "quantized.metal:1:1: error: boom\n")
-        out = Path(cmd[cmd.index("-o") + 1])
-        out.write_bytes(b"MTLB" + out.name.encode())  # a stand-in for the compiler's output
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+TORCH_INCLUDE = Path(torch.__file__).parent / "include"
 
 
 def _clang():
@@ -53,199 +33,199 @@ def _clang():
     return CLANG
 
 
-# ---- toolchain probe and fallback decision -----------------------------------------------------
+# ---- metallib build and fallback decision ------------------------------------------------------
 
-@pytest.mark.parametrize("error", [CLT_ERROR, XCODE26_ERROR], ids=["command-line-tools", "xcode26-no-toolchain"])
-def test_probe_reports_a_missing_metal_compiler(error):
-    assert embed_metal.probe_metal_compiler(FakeXcrun(metal_error=error)) == (False, error)
-
-
-def test_probe_without_xcrun_at_all(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    ok, reason = embed_metal.probe_metal_compiler()
-    assert not ok and reason
-
-
-def test_probe_compiles_metal31_for_real():
-    fake = FakeXcrun()
-    assert embed_metal.probe_metal_compiler(fake) == (True, "")
-    (cmd,) = fake.commands
-    assert cmd[:4] == ["xcrun", "-sdk", "macosx", "metal"] and "-std=metal3.1" in cmd and "-c" in cmd
+def test_with_compiler_one_metallib_is_built_for_the_minimum_macos(tmp_path):
+    fake, messages = FakeXcrun(), []
+    assert metal_library.generate(METAL, tmp_path, fake, messages.append) == "metallib"
+    assert messages == []
+    sources = sorted(METAL.glob("*.metal"))
+    compiles = [c for c in fake.commands if "metal" in c]
+    assert [Path(c[c.index("-c") + 1]) for c in compiles] == sources
+    assert all({"-fno-fast-math", "-std=metal3.1", "-mmacosx-version-min=14.0"} <= set(c) for c in compiles)
+    (link,) = [c for c in fake.commands if "metallib" in c]
+    assert len([p for p in link if p.endswith(".air")]) == len(sources)
+    text = (tmp_path / metal_library.HEADER_NAME).read_text()
+    assert "kIsMetallib = true" in text and "kKernelCount = 0" in text
+    package = tmp_path / "package"
+    package.mkdir()
+    installed = metal_library.install_metallib(tmp_path, package)
+    assert installed == package / "metalq.metallib" and installed.read_bytes() == b"MTLBmetalq.metallib"
 
 
 @pytest.mark.parametrize("error", [CLT_ERROR, XCODE26_ERROR], ids=["command-line-tools", "xcode26-no-toolchain"])
 def test_without_compiler_the_sources_are_embedded_with_one_message(tmp_path, error):
     messages = []
-    assert embed_metal.generate(METAL, tmp_path, FakeXcrun(metal_error=error), messages.append) is False
+    assert metal_library.generate(METAL, tmp_path, FakeXcrun(metal_error=error), messages.append) == "sources"
     assert len(messages) == 1 and error in messages[0] and "downloadComponent MetalToolchain" in messages[0]
-    text = (tmp_path / embed_metal.HEADER_NAME).read_text()
-    assert "kIsMetallib = false" in text
-    for src in sorted(METAL.glob("*.metal")):
-        assert f'{{"{src.name}", ' in text
+    assert "kIsMetallib = false" in (tmp_path / metal_library.HEADER_NAME).read_text()
 
 
-def test_with_compiler_one_metallib_is_embedded(tmp_path):
+def test_no_xcrun_at_all_embeds_the_sources(tmp_path, monkeypatch):
+    cpp = metal_library.preprocessor()
+    cpp[0] = shutil.which(cpp[0])  # the preprocessor stays reachable; xcrun is on no PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    messages = []
+    assert metal_library.generate(METAL, tmp_path, log=messages.append, cpp=cpp) == "sources"
+    assert len(messages) == 1 and "xcrun" in messages[0]
+
+
+@pytest.mark.parametrize("fail_on", ["quantized.metal", "metallib"], ids=["kernel-compile-error", "link-error"])
+def test_any_metal_build_failure_embeds_the_sources_with_its_first_diagnostics(tmp_path, fail_on):
+    # Install must never fail because of Metal: a compiler that rejects metal/ falls back too.
+    messages = []
+    assert metal_library.generate(METAL, tmp_path, FakeXcrun(fail_on=fail_on), messages.append) == "sources"
+    (message,) = messages
+    assert "quantized.metal:1:1: error: boom" in message
+    assert "kIsMetallib = false" in (tmp_path / metal_library.HEADER_NAME).read_text()
+
+
+def test_diagnostics_are_cut_to_the_first_lines():
+    error = metal_library.MetalBuildError(["metal"], "\n".join(f"line {i}" for i in range(100)))
+    assert error.diagnostics.splitlines() == [f"line {i}" for i in range(metal_library.DIAGNOSTIC_LINES)]
+
+
+def test_sources_can_be_forced_for_testing_that_path(tmp_path):
     fake, messages = FakeXcrun(), []
-    assert embed_metal.generate(METAL, tmp_path, fake, messages.append) is True
-    assert messages == []
-    sources = sorted(METAL.glob("*.metal"))
-    compiles = [c for c in fake.commands[1:] if "metal" in c]
-    assert [Path(c[c.index("-c") + 1]) for c in compiles] == sources
-    assert all("-fno-fast-math" in c and "-std=metal3.1" in c for c in compiles)
-    (link,) = [c for c in fake.commands if "metallib" in c]
-    assert len([p for p in link if p.endswith(".air")]) == len(sources)
-    text = (tmp_path / embed_metal.HEADER_NAME).read_text()
-    assert "kIsMetallib = true" in text and '{"metalq.metallib", kBlob0, sizeof(kBlob0)}' in text
-
-
-def test_sources_can_be_forced_for_testing_the_fallback(tmp_path):
-    fake, messages = FakeXcrun(), []
-    assert embed_metal.generate(METAL, tmp_path, fake, messages.append, force_sources=True) is False
+    assert metal_library.generate(METAL, tmp_path, fake, messages.append, force_sources=True) == "sources"
     assert fake.commands == [] and len(messages) == 1 and "METALQ_METAL_SOURCES=1" in messages[0]
 
 
-def test_a_kernel_compile_error_fails_the_build(tmp_path):
-    # The probe passed, so the toolchain works: an error in metal/ is a bug, not a reason to fall back.
-    with pytest.raises(RuntimeError, match="boom"):
-        embed_metal.generate(METAL, tmp_path, FakeXcrun(fail_on="quantized.metal"), lambda m: None)
-
-
 def test_header_is_rewritten_only_when_it_changes(tmp_path):
-    fake = FakeXcrun(metal_error=CLT_ERROR)
-    embed_metal.generate(METAL, tmp_path, fake, lambda m: None)
-    header = tmp_path / embed_metal.HEADER_NAME
+    generate_header(tmp_path, "sources")
+    header = tmp_path / metal_library.HEADER_NAME
     before = header.stat().st_mtime_ns
-    embed_metal.generate(METAL, tmp_path, fake, lambda m: None)
+    generate_header(tmp_path, "sources")
     assert header.stat().st_mtime_ns == before
 
 
-def _run_setup_py(monkeypatch, platform):
-    """setup.py's arguments to setup() as if run on `platform` (setup() itself is not called)."""
-    import runpy
-    import setuptools
-    import torch.utils.cpp_extension as cpp_extension
+# ---- setup.py's branches ------------------------------------------------------------------------
 
-    cpp_extension.BuildExtension  # resolved (lazily imported) before sys.platform changes
-    captured = {}
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
-    monkeypatch.setattr(sys, "platform", platform)
-    monkeypatch.chdir(ROOT)
-    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
-    return captured
-
-
-def test_setup_py_on_macos_builds_the_mps_backend_and_embeds_the_library(monkeypatch, tmp_path):
-    kw = _run_setup_py(monkeypatch, "darwin")
+def test_setup_py_on_macos_builds_the_mps_backend_with_openmp(monkeypatch, tmp_path):
+    kw, _ = run_setup_py(monkeypatch, "darwin")
     (ext,) = kw["ext_modules"]
+    cxx = ext.extra_compile_args["cxx"]
     assert {"csrc/mps/library.mm", "csrc/mps/quantized.mm"} <= set(ext.sources)
-    assert "-fobjc-arc" in ext.extra_compile_args["cxx"]
-    assert ext.extra_link_args == ["-framework", "Metal", "-framework", "Foundation"]
-    # build_ext on this machine (no xcrun): the header with the sources, then torch's build.
+    assert "-fobjc-arc" in cxx and "-mmacosx-version-min=14.0" in cxx
+    # The standard is torch's own choice (cpp_extension adds it only when none is given).
+    assert not any(flag.startswith("-std") for flag in cxx)
+    # This torch uses OpenMP (as the macOS wheels do, tests/test_macos_torch.py): Apple clang's spelling.
+    assert cxx[cxx.index("-fopenmp") - 1] == "-Xpreprocessor"
+    assert ext.extra_link_args == ["-Wl,-undefined,dynamic_lookup", "-framework", "Metal", "-framework", "Foundation"]
+    # build_ext on this machine (no xcrun): the header with the sources, torch's build, _build_info.py.
     from torch.utils.cpp_extension import BuildExtension
 
     built = []
     monkeypatch.setattr(BuildExtension, "build_extensions", lambda self: built.append(self))
     cmd = object.__new__(kw["cmdclass"]["build_ext"])
     cmd.build_temp, cmd.extensions = str(tmp_path), [ext]
+    cmd.get_ext_fullpath = lambda name: str(tmp_path / "lib" / "metalq" / "_C.so")
+    (tmp_path / "lib" / "metalq").mkdir(parents=True)
     cmd.build_extensions()
     generated = tmp_path / "metalq_generated"
     assert built == [cmd] and str(generated) in ext.include_dirs
-    assert "kIsMetallib = false" in (generated / embed_metal.HEADER_NAME).read_text()
+    assert "kIsMetallib = false" in (generated / metal_library.HEADER_NAME).read_text()
+    info = {}
+    exec((tmp_path / "lib" / "metalq" / "_build_info.py").read_text(), info)
+    assert info["TORCH_VERSION"] == torch.__version__ and info["METAL_LIBRARY"] == "sources"
 
 
-def test_setup_py_on_linux_is_unchanged(monkeypatch):
-    kw = _run_setup_py(monkeypatch, "linux")
+def test_setup_py_on_linux(monkeypatch):
+    kw, _ = run_setup_py(monkeypatch, "linux")
     (ext,) = kw["ext_modules"]
+    cxx = ext.extra_compile_args["cxx"]
     assert not any(s.endswith(".mm") for s in ext.sources)
-    assert "-fobjc-arc" not in ext.extra_compile_args["cxx"] and ext.extra_link_args == ["-fopenmp"]
+    assert "-fobjc-arc" not in cxx and "-fopenmp" in cxx and ext.extra_link_args == ["-fopenmp"]
+    assert not any(flag.startswith("-std") for flag in cxx)
+
+
+def test_setup_py_keeps_the_generic_kernels_unfused_off_x86(monkeypatch):
+    _, setup_py = run_setup_py(monkeypatch, "darwin")
+    assert "-ffp-contract=off" in setup_py["_compile_args"]("darwin", "arm64")["cxx"]
+    assert "-ffp-contract=off" in setup_py["_compile_args"]("linux", "aarch64")["cxx"]
+    assert "-ffp-contract=off" not in setup_py["_compile_args"]("linux", "x86_64")["cxx"]
+
+
+def test_setup_py_adds_no_openmp_for_a_torch_without_it(monkeypatch, tmp_path):
+    _, setup_py = run_setup_py(monkeypatch, "linux")
+    (tmp_path / "ATen").mkdir()
+    (tmp_path / "ATen" / "Config.h").write_text("#define AT_PARALLEL_OPENMP 0\n#define AT_PARALLEL_NATIVE 1\n")
+    assert setup_py["openmp_flags"]("darwin", str(tmp_path)) == ([], [])
+    assert setup_py["openmp_flags"]("linux", str(tmp_path)) == ([], [])
 
 
 # ---- the generated header and the embedded sources ---------------------------------------------
 
-def _sources_header(tmp_path):
-    embed_metal.generate(METAL, tmp_path, FakeXcrun(metal_error=CLT_ERROR), lambda m: None)
-    return tmp_path
-
-
-def test_header_compiles_and_holds_the_flattened_sources(tmp_path):
+def _kernel_table(header: Path, tmp_path: Path):
+    """The header compiled into a program that prints its kernel table: [(name, prelude, line)]."""
     clang = _clang()
-    gen = _sources_header(tmp_path / "gen")
     dump = tmp_path / "dump.cpp"
-    dump.write_text('#include <cstdio>\n#include "metalq_metal_embed.h"\n'
-                    "int main() { for (const auto& b : metalq::embedded::kBlobs) {\n"
-                    '  std::printf("%s %zu\\n", b.name, b.size); std::fwrite(b.data, 1, b.size, stdout); } }\n')
+    dump.write_text('#include <cstdio>\n#include "metalq_metal_library.h"\n'
+                    "using namespace metalq::metal_library;\n"
+                    "int main() { for (size_t i = 0; i < kKernelCount; ++i)\n"
+                    '  std::printf("%s\\t%d\\t%s\\n", kKernels[i].name, kKernels[i].prelude, '
+                    "kKernels[i].instantiation); }\n")
     exe = tmp_path / "dump"
-    subprocess.run([clang, "-std=c++17", "-Wall", "-Werror", "-I", str(gen), str(dump), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, check=True).stdout
-    expected = b"".join(f"{s.name} {len(t)}\n".encode() + t for s in sorted(METAL.glob("*.metal"))
-                        for t in [embed_metal.inline_includes(s, [METAL]).encode()])
-    assert out == expected
+    subprocess.run([clang, "-std=c++17", "-Wall", "-Werror", "-I", str(header.parent), str(dump), "-o", str(exe)],
+                   check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return [tuple(line.split("\t")) for line in out.splitlines()]
 
 
-def _preprocess(clang, source: Path, *include_dirs):
-    cmd = [clang, "-E", "-P", "-x", "c++", "-std=c++17", "-D__METAL__", "-D__METAL_VERSION__=310",
-           "-I", str(emulator.HERE / "stub"), *(f"-I{d}" for d in include_dirs), str(source)]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()  # tokens, not layout
+def test_embedded_kernels_are_exactly_the_metallib_kernels(tmp_path, lib):
+    gen = generate_header(tmp_path / "gen", "sources")
+    table = _kernel_table(gen / metal_library.HEADER_NAME, tmp_path)
+    names = [name for name, _, _ in table]
+    assert names == sorted(names)  # the extension binary-searches them
+    assert set(names) == lib.kernels  # the emulator's build of the whole metal/quantized.metal
+    assert all(f'host_name("' in line and line.endswith(";") for _, _, line in table)
 
 
-@pytest.mark.parametrize("path", sorted(METAL.glob("*.metal")), ids=lambda p: p.name)
-def test_flattened_source_is_self_contained_and_identical(tmp_path, path):
+def _prelude(gen: Path, index: int) -> str:
+    """kPreludes[index] of a generated header, read back through a compiled program."""
     clang = _clang()
-    flat = embed_metal.inline_includes(path, [METAL])
-    assert '#include "' not in flat and str(ROOT) not in flat  # no build-machine paths
-    copy = tmp_path / path.name
-    copy.write_text(flat)
-    # Only <metal_stdlib> from outside: the same tokens as the original with -I metal.
-    assert _preprocess(clang, copy) == _preprocess(clang, path, METAL)
+    dump = gen / "prelude.cpp"
+    dump.write_text('#include <cstdio>\n#include "metalq_metal_library.h"\n'
+                    f"int main() {{ std::fputs(metalq::metal_library::kPreludes[{index}], stdout); }}\n")
+    exe = gen / "prelude"
+    subprocess.run([clang, "-std=c++17", "-I", str(gen), str(dump), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
 
 
-def test_flattened_quantized_metal_runs_bit_exact(tmp_path):
-    _clang()
-    copy = tmp_path / "quantized.metal"
-    copy.write_text(embed_metal.inline_includes(METAL / "quantized.metal", [METAL]))
-    lib = emulator.load(copy)
+def test_an_embedded_kernel_compiles_alone_and_runs_bit_exact(tmp_path):
+    # What the extension compiles at a kernel's first use: its prelude plus its instantiation line.
+    gen = generate_header(tmp_path / "gen", "sources")
+    table = {name: (int(p), line) for name, p, line in _kernel_table(gen / metal_library.HEADER_NAME, tmp_path)}
+    prelude, line = table["affine_dequantize_half_gs_64_b_4"]
+    source = _prelude(gen, prelude)
+    assert '#include "' not in source and str(ROOT) not in source  # self-contained, no build-machine paths
+    one = tmp_path / "one_kernel.metal"
+    one.write_text(source + "\n" + line + "\n")
+    kernel_lib = emulator.load(one)
+    assert kernel_lib.kernels == {"affine_dequantize_half_gs_64_b_4"}
     g = torch.Generator().manual_seed(0)
     wq = torch.randint(0, 2**32, (4, 256 * 4 // 32), generator=g, dtype=torch.int64).to(torch.uint32)
     scales, biases = torch.randn(2, 4, 256 // 64, generator=g).to(torch.float16)
     out = torch.empty(4, 256, dtype=torch.float16)
-    lib.run(metalq._C.plan_affine_dequantize(wq, scales, biases, out, 64, 4))
+    kernel_lib.run(metalq._C.plan_affine_dequantize(wq, scales, biases, out, 64, 4))
     assert torch.equal(out, torch.ops.metalq.affine_dequantize(wq, scales, biases, 64, 4))
 
 
 # ---- Objective-C++ syntax check ---------------------------------------------------------------
 
-def _objcxx_syntax_check(clang, source: Path, generated: Path):
-    torch_include = Path(torch.__file__).parent / "include"
-    cmd = [clang, "-x", "objective-c++", "-std=c++17", "-fsyntax-only", "-fobjc-arc", "-fblocks",
-           "-fobjc-runtime=macosx-14.0", "-Wall", "-Wextra", "-Werror",
-           "-I", str(STUBS), "-isystem", str(torch_include), "-isystem", str(torch_include / "torch/csrc/api/include"),
-           "-I", str(ROOT / "csrc"), "-I", str(METAL), "-I", str(generated), str(source)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-# Both header variants for the file that includes the generated header, one for the others.
-OBJCXX_CASES = [(mm, variant) for mm in sorted((ROOT / "csrc" / "mps").glob("*.mm"))
-                for variant in (("sources", "metallib") if embed_metal.HEADER_NAME in mm.read_text() else ("sources",))]
-
-
-@pytest.mark.parametrize("source, variant", OBJCXX_CASES, ids=[f"{mm.name}-{v}" for mm, v in OBJCXX_CASES])
+@pytest.mark.parametrize("source, variant", MM_CASES, ids=MM_CASE_IDS)
 def test_objective_cpp_parses_against_torch_and_sdk_stubs(tmp_path, source, variant):
-    clang = _clang()
-    fake = FakeXcrun() if variant == "metallib" else FakeXcrun(metal_error=CLT_ERROR)
-    embed_metal.generate(METAL, tmp_path, fake, lambda m: None)
-    _objcxx_syntax_check(clang, source, tmp_path)
+    proc = compile_objcxx(_clang(), source, generate_header(tmp_path, variant), TORCH_INCLUDE)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_stubs_reject_what_the_mps_stream_owns(tmp_path):
     # The stubs declare no endEncoding/commit, so csrc/mps cannot call them (under ARC an unknown
     # selector is an error): this is that guard working.
-    clang = _clang()
-    embed_metal.generate(METAL, tmp_path, FakeXcrun(metal_error=CLT_ERROR), lambda m: None)
     bad = tmp_path / "bad.mm"
     bad.write_text('#include "mps/library.h"\nvoid f(id<MTLComputeCommandEncoder> e) { [e endEncoding]; }\n')
-    with pytest.raises(AssertionError, match="endEncoding"):
-        _objcxx_syntax_check(clang, bad, tmp_path)
+    proc = compile_objcxx(_clang(), bad, generate_header(tmp_path, "sources"), TORCH_INCLUDE)
+    assert proc.returncode != 0 and "endEncoding" in proc.stderr
 
 
 # ---- on a Mac: the MPS backend at run time (skipped elsewhere) -----------------------------------

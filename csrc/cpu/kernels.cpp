@@ -9,6 +9,7 @@ namespace metalq::cpu {
 
 namespace {
 
+#if defined(__x86_64__) || defined(_M_X64)
 // The AVX2 table plus the AVX512-BF16 product for bfloat16 activations.
 const KernelTable& avx512_bf16_table() {
   static const KernelTable t = [] {
@@ -19,21 +20,28 @@ const KernelTable& avx512_bf16_table() {
   }();
   return t;
 }
+#endif
 
 const KernelTable& best_table() {
+  // Elsewhere (arm64: NEON is part of the baseline) the generic table is the only variant.
+  [[maybe_unused]] bool has_avx2 = false, has_avx512_bf16 = false;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-  const bool has_avx512_bf16 = has_avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                               __builtin_cpu_supports("avx512bf16");
+  has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("bmi2");
+  has_avx512_bf16 = has_avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bf16");
+#endif
   if (const char* forced = std::getenv("METALQ_CPU_ISA")) {
     std::string isa(forced);
     if (isa == "generic") return generic::table();
+#if defined(__x86_64__) || defined(_M_X64)
     if (isa == "avx2" && has_avx2) return avx2::table();
     if (isa == "avx512bf16" && has_avx512_bf16) return avx512_bf16_table();
+#endif
     throw std::runtime_error("METALQ_CPU_ISA=" + isa + " is not one of generic, avx2, avx512bf16 supported by this CPU");
   }
+#if defined(__x86_64__) || defined(_M_X64)
   if (has_avx512_bf16) return avx512_bf16_table();
   if (has_avx2) return avx2::table();
 #endif

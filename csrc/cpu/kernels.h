@@ -8,6 +8,16 @@
 
 namespace metalq::cpu {
 
+// IEEE binary16 as stored in memory (ScalarKind::f16); converting it to float is exact. GCC has
+// _Float16 in C++ on x86-64 but not on aarch64 (before GCC 13), where __fp16 is the storage type;
+// Apple's clang has both on arm64.
+#if defined(__aarch64__) || defined(__ARM_FP16_FORMAT_IEEE)
+using float16_storage = __fp16;
+#else
+using float16_storage = _Float16;
+#endif
+static_assert(sizeof(float16_storage) == 2, "binary16 is two bytes");
+
 // Storage of scales and biases: a float type (affine), or one byte per scale (the fp modes, which
 // have no biases): E8M0 = 2^(b - 127), E4M3 = an 8-bit float (metal/fp_format.h).
 enum class ScalarKind { f32, f16, bf16, e8m0, e4m3 };

@@ -50,7 +50,7 @@ METALQ_FN inline float to_float(const void* p, int64_t i) {
     std::memcpy(&f, &bits, 4);
     return f;
   } else if constexpr (K == ScalarKind::f16) {
-    return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+    return static_cast<float>(static_cast<const float16_storage*>(p)[i]);
   } else if constexpr (K == ScalarKind::e8m0) {
     return e8m0_value(static_cast<const uint8_t*>(p)[i]);
   } else {

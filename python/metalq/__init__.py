@@ -5,7 +5,9 @@ exactly as MLX and transformers' ``MetalConfig`` pack them.
 """
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
-from . import _C  # noqa: F401  (registers torch.ops.metalq.*)
+from ._extension import load as _load_extension
+
+_C = _load_extension()  # registers torch.ops.metalq.*; ImportError if built for another torch
 from .ops import (
     affine_dequantize,
     affine_gather_qmm,

@@ -24,6 +24,11 @@ typedef enum MTLMathMode : NSInteger {
   MTLMathModeFast = 2,
 } MTLMathMode __attribute__((availability(macos, introduced = 15.0)));
 
+typedef enum MTLMathFloatingPointFunctions : NSInteger {
+  MTLMathFloatingPointFunctionsFast = 0,
+  MTLMathFloatingPointFunctionsPrecise = 1,
+} MTLMathFloatingPointFunctions __attribute__((availability(macos, introduced = 15.0)));
+
 @protocol MTLFunction <NSObject>
 @end
 
@@ -46,10 +51,12 @@ typedef enum MTLMathMode : NSInteger {
 @property(readwrite, nonatomic) BOOL fastMathEnabled
     __attribute__((availability(macos, introduced = 10.11, deprecated = 15.0, message = "Use mathMode instead")));
 @property(readwrite, nonatomic) MTLMathMode mathMode __attribute__((availability(macos, introduced = 15.0)));
+@property(readwrite, nonatomic) MTLMathFloatingPointFunctions mathFloatingPointFunctions
+    __attribute__((availability(macos, introduced = 15.0)));
 @end
 
 @protocol MTLDevice <NSObject>
-- (nullable id<MTLLibrary>)newLibraryWithData:(dispatch_data_t)data error:(__autoreleasing NSError**)error;
+- (nullable id<MTLLibrary>)newLibraryWithURL:(NSURL*)url error:(__autoreleasing NSError**)error;
 - (nullable id<MTLLibrary>)newLibraryWithSource:(NSString*)source
                                         options:(nullable MTLCompileOptions*)options
                                           error:(__autoreleasing NSError**)error;

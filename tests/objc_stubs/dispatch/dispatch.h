@@ -12,17 +12,10 @@
 @end
 @protocol OS_dispatch_queue <OS_dispatch_object>
 @end
-@protocol OS_dispatch_data <OS_dispatch_object>
-@end
 typedef NSObject<OS_dispatch_queue>* dispatch_queue_t;
-typedef NSObject<OS_dispatch_data>* dispatch_data_t;
 typedef void (^dispatch_block_t)(void);
 
-#define DISPATCH_DATA_DESTRUCTOR_DEFAULT NULL
-
 extern "C" {
-dispatch_data_t dispatch_data_create(const void* buffer, size_t size, dispatch_queue_t _Nullable queue,
-                                     dispatch_block_t _Nullable destructor);
 void dispatch_sync(dispatch_queue_t queue, dispatch_block_t block);
 }
 
