@@ -23,7 +23,35 @@ py::dict plan_to_python(const metalq::DispatchPlan& plan) {
   d["buffers"] = buffers;
   d["bytes"] = bytes;
   d["threadgroup_memory"] = plan.threadgroup_memory;
+  d["elementwise_work_items"] = plan.elementwise_work_items;
   return d;
+}
+
+template <size_t n>
+std::array<uint32_t, n> to_array(const py::handle& sequence) {
+  std::array<uint32_t, n> out{};
+  for (size_t i = 0; i < n; ++i) out[i] = py::cast<uint32_t>(py::reinterpret_borrow<py::sequence>(sequence)[i]);
+  return out;
+}
+
+// The inverse of plan_to_python, for the functions below that take a plan.
+metalq::DispatchPlan plan_from_python(const py::dict& d) {
+  metalq::DispatchPlan plan;
+  plan.kernel = py::cast<std::string>(d["kernel"]);
+  plan.threadgroups = to_array<3>(d["threadgroups"]);
+  plan.threads_per_threadgroup = to_array<3>(d["threads_per_threadgroup"]);
+  for (const auto& b : py::reinterpret_borrow<py::list>(d["buffers"])) {
+    const auto pair = py::reinterpret_borrow<py::tuple>(b);
+    plan.buffers.push_back({py::cast<int>(pair[0]), py::cast<at::Tensor>(pair[1])});
+  }
+  for (const auto& b : py::reinterpret_borrow<py::list>(d["bytes"])) {
+    const auto pair = py::reinterpret_borrow<py::tuple>(b);
+    const std::string bytes = py::cast<std::string>(pair[1]);
+    plan.bytes.push_back({py::cast<int>(pair[0]), std::vector<uint8_t>(bytes.begin(), bytes.end())});
+  }
+  plan.threadgroup_memory = py::cast<std::vector<std::pair<int, uint32_t>>>(d["threadgroup_memory"]);
+  plan.elementwise_work_items = py::cast<uint64_t>(d["elementwise_work_items"]);
+  return plan;
 }
 
 py::list plans_to_python(const std::vector<metalq::DispatchPlan>& plans) {
@@ -38,6 +66,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel_isa", [] { return std::string(metalq::cpu::kernels().isa); },
         "The CPU kernel variant in use (METALQ_CPU_ISA overrides the choice by CPU features).");
   m.def("kernel_name", &metalq::kernel_name, "Host name of a Metal kernel (metal/quantized.metal).");
+  m.def("fit_thread_limit", [](const py::dict& plan, uint64_t max_threads) {
+    return plan_to_python(metalq::fit_thread_limit(plan_from_python(plan), max_threads));
+  }, "The plan as the Mac encoder dispatches it on a pipeline allowing max_threads threads per threadgroup.");
   // Each plan_* validates like the op, then plans the dispatch for caller-allocated contiguous outputs.
   m.def("plan_affine_quantize", [](const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
                                    const at::Tensor& biases, int64_t group_size, int64_t bits) {

@@ -30,9 +30,9 @@ BytesBinding bytes_binding(int index, const Params& params) {
   return binding;
 }
 
-// One thread per work item in threadgroups of kElementwiseThreads, wrapping into y past the x limit.
-std::pair<uint32_t, uint32_t> wrapped_grid(uint64_t work_items) {
-  const uint64_t groups = (work_items + kElementwiseThreads - 1) / kElementwiseThreads;
+// One thread per work item in threadgroups of `threads`, wrapping into y past the x limit.
+std::pair<uint32_t, uint32_t> wrapped_grid(uint64_t work_items, uint64_t threads = kElementwiseThreads) {
+  const uint64_t groups = (work_items + threads - 1) / threads;
   const uint64_t x = std::max<uint64_t>(1, std::min<uint64_t>(groups, kMaxThreadgroupsX));
   const uint64_t y = std::max<uint64_t>(1, (groups + x - 1) / x);
   TORCH_INTERNAL_ASSERT(y <= UINT32_MAX, "grid too large: ", work_items, " work items");
@@ -49,7 +49,8 @@ DispatchPlan elementwise(std::string kernel, uint64_t work_items, std::vector<Bu
                       {uint32_t(kElementwiseThreads), 1, 1},
                       std::move(buffers),
                       {bytes_binding(params_index, ElementwiseParams{work_items})},
-                      {}};
+                      {},
+                      work_items};
 }
 
 // Threadgroups along one grid axis.
@@ -124,7 +125,8 @@ DispatchPlan split_k_reduce(const at::Tensor& partials, const at::Tensor& out) {
                       {uint32_t(kElementwiseThreads), 1, 1},
                       {{0, partials}, {1, out}},
                       {bytes_binding(2, SplitKReduceParams{work, uint32_t(partials.size(0)), 0})},
-                      {}};
+                      {},
+                      work};
 }
 
 // x @ W for small M: qvm, or for long K qvm_split_k into float partials plus split_k_reduce.
@@ -187,6 +189,20 @@ WeightFormat WeightFormat::affine(int64_t group_size, int64_t bits) { return {gr
 
 WeightFormat WeightFormat::fp(int mode, bool has_global) {
   return {fp_group_size(mode), fp_bits(mode), mode, has_global};
+}
+
+DispatchPlan fit_thread_limit(DispatchPlan plan, uint64_t max_threads) {
+  const auto& t = plan.threads_per_threadgroup;
+  const uint64_t threads = uint64_t(t[0]) * t[1] * t[2];
+  if (threads <= max_threads) return plan;
+  TORCH_CHECK(plan.elementwise_work_items > 0 && max_threads > 0, "metalq: kernel ", plan.kernel, " needs ", threads,
+              " threads per threadgroup but its Metal pipeline allows ", max_threads,
+              " on this GPU; please report it to metalq with the output of `python -m metalq doctor`");
+  const uint64_t fitted = max_threads >= 32 ? max_threads / 32 * 32 : max_threads;
+  const auto [x, y] = wrapped_grid(plan.elementwise_work_items, fitted);
+  plan.threadgroups = {x, y, 1};
+  plan.threads_per_threadgroup = {uint32_t(fitted), 1, 1};
+  return plan;
 }
 
 std::string WeightFormat::kernel(const std::string& name, at::ScalarType type) const {

@@ -37,7 +37,16 @@ struct DispatchPlan {
   std::vector<BufferBinding> buffers;
   std::vector<BytesBinding> bytes;
   std::vector<std::pair<int, uint32_t>> threadgroup_memory;  // setThreadgroupMemoryLength(length, index)
+  // An elementwise kernel (one thread per work item, flat index over the grid) works with any
+  // threadgroup size: its work items, else 0 for a kernel whose geometry is fixed.
+  uint64_t elementwise_work_items = 0;
 };
+
+// The plan for a pipeline that allows at most max_threads threads per threadgroup (Metal's
+// maxTotalThreadsPerThreadgroup, which register pressure can bring below the device's limit): an
+// elementwise plan gets smaller threadgroups (a multiple of the 32-wide SIMD group where possible) and
+// more of them; any other plan over the limit is a c10::Error naming the kernel and both numbers.
+DispatchPlan fit_thread_limit(DispatchPlan plan, uint64_t max_threads);
 
 // "affine_<kernel>_<type>_gs_<group_size>_b_<bits>" with the Metal type name of `type`
 // (float, half, bfloat); metal/quantized.metal instantiates exactly these names.

@@ -167,3 +167,29 @@ if __name__ == "__main__":
         for (kernel, binding), (m, f) in traffic_table(library, bits).items():
             print(f"{bits}-bit {kernel:<10} {binding:<7} {m.read + m.written:>8} / "
                   f"{m.distinct_read + m.distinct_written:>8} / {f.distinct_read + f.distinct_written:>8}")
+
+
+# ---- a pipeline that allows fewer threads per threadgroup (the Mac encoder's fit_thread_limit) ----
+
+@pytest.mark.parametrize("limit, threads", [(1024, 256), (200, 192), (64, 64), (40, 32), (16, 16)])
+def test_elementwise_plans_fit_a_pipeline_thread_limit(lib, limit, threads):
+    g = torch.Generator().manual_seed(limit)
+    w = torch.randn(3, 1024 + 64, generator=g).to(torch.bfloat16)
+    wq, scales, biases = metalq.affine_quantize(w, 64, 3)
+    out = _poisoned_like_meta(torch.empty(w.shape, dtype=w.dtype))
+    plan = metalq._C.fit_thread_limit(metalq._C.plan_affine_dequantize(wq, scales, biases, out, 64, 3), limit)
+    assert plan["threads_per_threadgroup"] == (threads, 1, 1)
+    groups_x, groups_y, _ = plan["threadgroups"]
+    assert groups_x * groups_y * threads >= plan["elementwise_work_items"] > 0
+    lib.run(plan)
+    assert _same_bits(out, metalq.affine_dequantize(wq, scales, biases, 64, 3))
+
+
+def test_a_fixed_geometry_plan_over_the_limit_is_a_clear_error():
+    q = metalq.affine_quantize(torch.randn(64, 256), 64, 4)
+    (plan,) = metalq._C.plan_affine_qmm(torch.randn(32, 256), *q, torch.empty(32, 64), 64, 4, True)
+    threads = plan["threads_per_threadgroup"][0] * plan["threads_per_threadgroup"][1]
+    assert metalq._C.fit_thread_limit(plan, threads) == plan
+    with pytest.raises(RuntimeError, match=rf"kernel {plan['kernel']} needs {threads} threads per threadgroup "
+                                           rf"but its Metal pipeline allows {threads - 32}"):
+        metalq._C.fit_thread_limit(plan, threads - 32)

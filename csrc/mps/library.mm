@@ -124,14 +124,10 @@ id<MTLComputePipelineState> pipeline(const std::string& kernel) {
   }
 }
 
-void encode(const DispatchPlan& plan) {
+void encode(const DispatchPlan& planned) {
   // Outside the stream's queue: building a pipeline may compile and may throw.
-  id<MTLComputePipelineState> state = pipeline(plan.kernel);
-  const auto& tg = plan.threads_per_threadgroup;
-  const uint64_t threads = uint64_t(tg[0]) * tg[1] * tg[2];
-  TORCH_CHECK(threads <= state.maxTotalThreadsPerThreadgroup, "metalq: kernel ", plan.kernel, " was planned with ",
-              threads, " threads per threadgroup but this GPU's pipeline allows ", state.maxTotalThreadsPerThreadgroup,
-              "; please report it to metalq with the output of `python -m metalq doctor`");
+  id<MTLComputePipelineState> state = pipeline(planned.kernel);
+  const DispatchPlan plan = fit_thread_limit(planned, state.maxTotalThreadsPerThreadgroup);
   const DispatchPlan* p = &plan;  // the block runs before encode returns
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   // dispatch_sync cannot carry a C++ exception out of its block: catch it there, rethrow here.

@@ -1,10 +1,12 @@
-"""``python -m metalq``: command-line tools. ``convert`` rewrites checkpoint directories (see ``--help``)."""
+"""``python -m metalq``: command-line tools. ``convert`` rewrites checkpoint directories, ``doctor`` reports the
+environment and checks every op on every device (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import doctor
 from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_MODES
 
 _CONVERT_HELP = """\
@@ -54,11 +56,26 @@ def _parser() -> argparse.ArgumentParser:
                          help="split the safetensors files above this size, e.g. 2GB (default 5GB)")
     convert.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     convert.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    doctor_parser = commands.add_parser(
+        "doctor",
+        help="print the environment and check every op on every device (for bug reports)",
+        description=doctor.DESCRIPTION,
+        epilog=doctor.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    doctor.add_arguments(doctor_parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        try:
+            return doctor.run(args)
+        except KeyboardInterrupt:
+            print("metalq doctor: interrupted", file=sys.stderr)
+            return 130
     from .checkpoint import convert_checkpoint  # after parsing: --help needs no torch import
 
     try:
