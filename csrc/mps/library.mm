@@ -53,12 +53,12 @@ std::string extension_dir() {
   return path.substr(0, path.find_last_of('/') + 1);
 }
 
-id<MTLLibrary> load_metallib() {
+id<MTLLibrary> load_metallib(const std::string& kernel) {
   const std::string path = extension_dir() + metal_library::kMetallibName;
   NSURL* url = [NSURL fileURLWithPath:[NSString stringWithUTF8String:path.c_str()]];
   NSError* error = nil;
   id<MTLLibrary> library = [device() newLibraryWithURL:url error:&error];
-  TORCH_CHECK(library, "metalq: cannot load the Metal library ", path, ": ", error_text(error),
+  TORCH_CHECK(library, "metalq: cannot load the Metal library ", path, " for kernel ", kernel, ": ", error_text(error),
               ". Reinstall metalq (pip install --no-build-isolation --force-reinstall --no-deps .).");
   return library;
 }
@@ -97,7 +97,7 @@ id<MTLFunction> function(const std::string& kernel) {
   id<MTLLibrary> library = nil;
   if (metal_library::kIsMetallib) {
     // Loaded once per process on first use; a failure throws and is retried by the next call.
-    static id<MTLLibrary> metallib = load_metallib();
+    static id<MTLLibrary> metallib = load_metallib(kernel);
     library = metallib;
   } else {
     library = compile_kernel(kernel);
