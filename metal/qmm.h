@@ -163,12 +163,13 @@ METAL_FUNC void qmm_impl(
 
 // ---- kernels ------------------------------------------------------------------------------------
 // Bindings: w 0, scales 1, biases or nvfp4's global scale 2 (F::Bias), x 3, y 4, QmmParams 5, and 6
-// the batch (BatchParams) or the gather's (x, w) matrix pairs. The weight format F is affine or fp.
+// the batch (`constant BatchParams&`; qmm, qmm_splitk) or the gather's (x, w) matrix pairs
+// (`const device uint2*`; gather_qmm, gather_qmm_rhs). The weight format F is affine or fp.
 
 // Grid (ceil(N/32), ceil(M/32), batch count) of 128-thread threadgroups; threadgroup (tx, ty, z) writes
 // y[z][32*ty .. +32, 32*tx .. +32] over the whole K. E.g. M=33, N=64: 2x2 threadgroups, the second
 // row of tiles holding one valid row of y. Weights (buffer 0) are the bytes of MLX's uint32 words.
-template <typename F, bool transpose, typename Batch, typename T = typename F::T>
+template <typename F, bool transpose, typename T = typename F::T>
 [[kernel]] void qmm(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -176,7 +177,7 @@ template <typename F, bool transpose, typename Batch, typename T = typename F::T
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmmParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tile [[threadgroup_position_in_grid]],
     uint index [[thread_index_in_threadgroup]],
     uint simdgroup [[simdgroup_index_in_threadgroup]],
@@ -184,6 +185,27 @@ template <typename F, bool transpose, typename Batch, typename T = typename F::T
   threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
   threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
   metalq::select_matrices<F>(batch, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qmm_impl<F, transpose, T>(w, F::bind(scales, biases), x, y, params.M, params.N, params.K, 0, params.K, xs,
+                                    ws, tile.xy, index, simdgroup, lane);
+}
+
+// qmm over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, bool transpose, typename T = typename F::T>
+[[kernel]] void gather_qmm(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmmParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tile [[threadgroup_position_in_grid]],
+    uint index [[thread_index_in_threadgroup]],
+    uint simdgroup [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup T xs[metalq::kQmmBM * metalq::qmm_tile_ld<T>()];
+  threadgroup T ws[metalq::kQmmBN * metalq::qmm_tile_ld<T>()];
+  metalq::select_matrices<F>(pairs, tile.z, params.M, params.N, params.K, w, scales, biases, x, y);
   metalq::qmm_impl<F, transpose, T>(w, F::bind(scales, biases), x, y, params.M, params.N, params.K, 0, params.K, xs,
                                     ws, tile.xy, index, simdgroup, lane);
 }

@@ -268,15 +268,16 @@ METAL_FUNC void qvm_impl(const device uint8_t* w, F format, const device T* x, d
 
 // ---- kernels ------------------------------------------------------------------------------------
 // Bindings of every small-M kernel: w 0, scales 1 (F::Scale), biases or nvfp4's global scale 2
-// (F::Bias), x 3, y 4, QmvParams 5, and 6 the batch:
-// BatchParams, or for the gather instances (Batch = const device uint2*) the (x, w) matrix pair of
-// every item. Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
+// (F::Bias), x 3, y 4, QmvParams 5, and 6 the batch: `constant BatchParams&`, or for each kernel's
+// gather_ twin `const device uint2*`, the (x, w) matrix pair of every item. The twins differ only in
+// that parameter (Metal wants a buffer's address space spelled in the signature, not in a template
+// argument). Threadgroups of kQmvSimdgroups x 32 threads; grid z walks the batch (select_matrices).
 
 // Decode GEMV for aligned shapes (N % 8 == 0, K % (32 * qmv_fast_values(bits)) == 0). Grid
 // (M, N / 8, batch): threadgroup (m, t) computes y[m, 8t .. 8t+8), simdgroup s over the K steps
 // s, s + 2, ... E.g. 4-bit: a lane reads 16 x values and 8 bytes of each of the 8 rows per step of
 // 512 K values.
-template <typename F, typename Batch, typename T = typename F::T>
+template <typename F, typename T = typename F::T>
 [[kernel]] void qmv_fast(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -284,7 +285,7 @@ template <typename F, typename Batch, typename T = typename F::T>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -295,10 +296,30 @@ template <typename F, typename Batch, typename T = typename F::T>
                                      tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
+// qmv_fast over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, typename T = typename F::T>
+[[kernel]] void gather_qmv_fast(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<F>(pairs, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  constexpr int values = metalq::qmv_fast_values(F::bits);
+  threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
+  metalq::qmv_impl<F, values, false>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x,
+                                     tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
+}
+
 // x @ W.T for K = 64 or 128 and 1/2/4/8 bits: one simdgroup per threadgroup, grid
 // (M, ceil(N / 64), batch); threadgroup (m, t) computes y[m, 64t .. 64t+64). With so short a K a
 // whole simdgroup per row would leave each lane 2-4 values; a quad per row gives it 16-32.
-template <typename F, int K, typename Batch, typename T = typename F::T>
+template <typename F, int K, typename T = typename F::T>
 [[kernel]] void qmv_quad(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -306,7 +327,7 @@ template <typename F, int K, typename Batch, typename T = typename F::T>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
   metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
@@ -314,9 +335,26 @@ template <typename F, int K, typename Batch, typename T = typename F::T>
                               simd_lid);
 }
 
+// qmv_quad over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, int K, typename T = typename F::T>
+[[kernel]] void gather_qmv_quad(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<F>(pairs, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qmv_quad_impl<F, K>(w, F::bind(scales, biases), x, y, params.N, tid.x, tid.y * metalq::kQmvQuadRows,
+                              simd_lid);
+}
+
 // General GEMV: any N (rows >= N skipped) and any K; one pack per lane per step (4-bit: 8 values,
 // 256 K per step). Grid (M, ceil(N / 8), batch) as qmv_fast.
-template <typename F, typename Batch, typename T = typename F::T>
+template <typename F, typename T = typename F::T>
 [[kernel]] void qmv(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -324,7 +362,7 @@ template <typename F, typename Batch, typename T = typename F::T>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -335,9 +373,29 @@ template <typename F, typename Batch, typename T = typename F::T>
                                      tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
 }
 
+// qmv over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, typename T = typename F::T>
+[[kernel]] void gather_qmv(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<F>(pairs, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  constexpr int values = metalq::qmv_values(F::bits);
+  threadgroup float partials[(metalq::kQmvSimdgroups - 1) * metalq::kQmvRows];
+  metalq::qmv_impl<F, values, true>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x,
+                                     tid.y * metalq::kQmvRows, simd_gid, simd_lid, partials);
+}
+
 // Small batches: grid (ceil(M / rows_per_tg), ceil(N / 8)); threadgroup (t, r) computes rows
 // 8r .. 8r+8 of y for x rows t * rows_per_tg .. +rows_per_tg, decoding each weight once for all of them.
-template <typename F, typename Batch, typename T = typename F::T>
+template <typename F, typename T = typename F::T>
 [[kernel]] void qmv_wide(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -345,7 +403,7 @@ template <typename F, typename Batch, typename T = typename F::T>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -357,10 +415,31 @@ template <typename F, typename Batch, typename T = typename F::T>
   metalq::qmv_wide_impl<F>(w, F::bind(scales, biases), x, y, params.N, params.K, m0, count, row, simd_lid % lanes);
 }
 
+// qmv_wide over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, typename T = typename F::T>
+[[kernel]] void gather_qmv_wide(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  metalq::select_matrices<F>(pairs, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  constexpr int lanes = metalq::kQmvWideLanesPerRow;
+  const uint m0 = tid.x * params.rows_per_tg;
+  const uint count = min(params.rows_per_tg, params.M - m0);
+  const uint row = (tid.y * metalq::kQmvSimdgroups + simd_gid) * (32 / lanes) + simd_lid / lanes;
+  metalq::qmv_wide_impl<F>(w, F::bind(scales, biases), x, y, params.N, params.K, m0, count, row, simd_lid % lanes);
+}
+
 // x @ W for small M: grid (M, ceil(N / 64)); threadgroup (m, t) computes y[m, 64t .. 64t+64), 32
 // columns per simdgroup (a simdgroup past N returns; one straddling N, only with nvfp4's group of 16,
 // skips the runs past it).
-template <typename F, typename Batch, typename T = typename F::T>
+template <typename F, typename T = typename F::T>
 [[kernel]] void qvm(
     const device uint8_t* w [[buffer(0)]],
     const device typename F::Scale* scales [[buffer(1)]],
@@ -368,7 +447,7 @@ template <typename F, typename Batch, typename T = typename F::T>
     const device T* x [[buffer(3)]],
     device T* y [[buffer(4)]],
     constant metalq::QmvParams& params [[buffer(5)]],
-    Batch batch [[buffer(6)]],
+    constant metalq::BatchParams& batch [[buffer(6)]],
     uint3 tid [[threadgroup_position_in_grid]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint simd_lid [[thread_index_in_simdgroup]]) {
@@ -377,6 +456,27 @@ template <typename F, typename Batch, typename T = typename F::T>
     return;
   }
   metalq::select_matrices<F>(batch, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
+  metalq::qvm_impl<F, T>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x, col0, 0, params.K, simd_lid);
+}
+
+// qvm over the (x, w) matrix pairs of a gather (select_matrices).
+template <typename F, typename T = typename F::T>
+[[kernel]] void gather_qvm(
+    const device uint8_t* w [[buffer(0)]],
+    const device typename F::Scale* scales [[buffer(1)]],
+    const device typename F::Bias* biases [[buffer(2)]],
+    const device T* x [[buffer(3)]],
+    device T* y [[buffer(4)]],
+    constant metalq::QmvParams& params [[buffer(5)]],
+    const device uint2* pairs [[buffer(6)]],
+    uint3 tid [[threadgroup_position_in_grid]],
+    uint simd_gid [[simdgroup_index_in_threadgroup]],
+    uint simd_lid [[thread_index_in_simdgroup]]) {
+  const uint col0 = (tid.y * metalq::kQmvSimdgroups + simd_gid) * metalq::kQvmColumnsPerSimdgroup;
+  if (col0 >= params.N) {
+    return;
+  }
+  metalq::select_matrices<F>(pairs, tid.z, params.M, params.N, params.K, w, scales, biases, x, y);
   metalq::qvm_impl<F, T>(w, F::bind(scales, biases), x, y, params.N, params.K, tid.x, col0, 0, params.K, simd_lid);
 }
 

@@ -137,13 +137,15 @@ METAL_FUNC ulong work_item(uint2 position, uint2 grid) { return ulong(position.y
 // per group, then finish() the float total; the GEMM stages weight() in its tiles.
 
 // MLX's affine format: value = the unsigned code, T scales and biases (one each per group).
+// (Static data members are program-scope variables: Metal wants them in `constant`, as MLX's
+// `static constant constexpr const`.)
 template <typename T_, int group_size_, int bits_>
 struct Affine {
   using T = T_;
   using Scale = T;
   using Bias = T;
-  static constexpr int group_size = group_size_, bits = bits_;
-  static constexpr bool biases_per_matrix = true;
+  static constant constexpr const int group_size = group_size_, bits = bits_;
+  static constant constexpr const bool biases_per_matrix = true;
   const device T* scales;
   const device T* biases;
 
@@ -167,8 +169,8 @@ struct Fp {
   using T = T_;
   using Scale = uint8_t;
   using Bias = float;
-  static constexpr int group_size = fp_group_size(mode), bits = fp_bits(mode);
-  static constexpr bool biases_per_matrix = false;
+  static constant constexpr const int group_size = fp_group_size(mode), bits = fp_bits(mode);
+  static constant constexpr const bool biases_per_matrix = false;
   const device uint8_t* scales;
   float inv;  // global_scale / (448 * 6), or 1
 

@@ -15,13 +15,14 @@
 
 #define AFFINE(type, group_size, bits) metalq::Affine<type, group_size, bits>
 
-// A matmul kernel (generic over its weight format) twice: over a batch (BatchParams) and as its
-// gather variant affine_gather_<kernel> (the (x, w) matrix pair of every item, see select_matrices).
+// A matmul kernel (generic over its weight format) twice: over a batch (BatchParams) and its gather
+// twin gather_<kernel> as affine_gather_<kernel> (the (x, w) matrix pair of every item, see
+// select_matrices).
 #define instantiate_matmul(kernel, type, group_size, bits) \
   instantiate_kernel("affine_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
-                     kernel, AFFINE(type, group_size, bits), constant metalq::BatchParams&) \
+                     kernel, AFFINE(type, group_size, bits)) \
   instantiate_kernel("affine_gather_" #kernel "_" #type "_gs_" #group_size "_b_" #bits, \
-                     kernel, AFFINE(type, group_size, bits), const device uint2*)
+                     gather_##kernel, AFFINE(type, group_size, bits))
 
 // A split-K matmul kernel: batches only (BatchParams).
 #define instantiate_split_k(kernel, type, group_size, bits) \
@@ -58,9 +59,9 @@ instantiate_types(instantiate_split_k, qvm_split_k)
 // group size that divides K: affine_[gather_]qmv_quad_k<K>_<type>_gs_<gs>_b_<bits>.
 #define instantiate_qmv_quad(type, K, group_size, bits) \
   instantiate_kernel("affine_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, qmv_quad, \
-                     AFFINE(type, group_size, bits), K, constant metalq::BatchParams&) \
-  instantiate_kernel("affine_gather_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, qmv_quad, \
-                     AFFINE(type, group_size, bits), K, const device uint2*)
+                     AFFINE(type, group_size, bits), K) \
+  instantiate_kernel("affine_gather_qmv_quad_k" #K "_" #type "_gs_" #group_size "_b_" #bits, gather_qmv_quad, \
+                     AFFINE(type, group_size, bits), K)
 
 #define instantiate_qmv_quad_bits(type, K, group_size) \
   instantiate_qmv_quad(type, K, group_size, 1) \
@@ -88,14 +89,13 @@ instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
 // nest: affine_[gather_]qmm_{t,n}_<type>_gs_<gs>_b_<bits>, affine_qmm_{t,n}_splitk_... (split_k_reduce
 // sums the partials) and the sorted-expert affine_gather_qmm_rhs_{t,n}_....
 #define instantiate_qmm(type, group_size, bits) \
-  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, qmm, AFFINE(type, group_size, bits), true, \
-                     constant metalq::BatchParams&) \
+  instantiate_kernel("affine_qmm_t_" #type "_gs_" #group_size "_b_" #bits, qmm, AFFINE(type, group_size, bits), true) \
   instantiate_kernel("affine_qmm_n_" #type "_gs_" #group_size "_b_" #bits, qmm, AFFINE(type, group_size, bits), \
-                     false, constant metalq::BatchParams&) \
-  instantiate_kernel("affine_gather_qmm_t_" #type "_gs_" #group_size "_b_" #bits, qmm, \
-                     AFFINE(type, group_size, bits), true, const device uint2*) \
-  instantiate_kernel("affine_gather_qmm_n_" #type "_gs_" #group_size "_b_" #bits, qmm, \
-                     AFFINE(type, group_size, bits), false, const device uint2*) \
+                     false) \
+  instantiate_kernel("affine_gather_qmm_t_" #type "_gs_" #group_size "_b_" #bits, gather_qmm, \
+                     AFFINE(type, group_size, bits), true) \
+  instantiate_kernel("affine_gather_qmm_n_" #type "_gs_" #group_size "_b_" #bits, gather_qmm, \
+                     AFFINE(type, group_size, bits), false) \
   instantiate_kernel("affine_qmm_t_splitk_" #type "_gs_" #group_size "_b_" #bits, qmm_splitk, \
                      AFFINE(type, group_size, bits), true) \
   instantiate_kernel("affine_qmm_n_splitk_" #type "_gs_" #group_size "_b_" #bits, qmm_splitk, \
@@ -128,8 +128,7 @@ instantiate_qmm_types(bfloat)
 // every matmul kernel with the format metalq::Fp, over batches only (fp weights are 2-D, no gather):
 // qmv_fast, qmv, qmv_wide, qmv_quad_k64 (and _k128 below), qvm, qvm_split_k, qmm_{t,n}[_splitk].
 #define instantiate_fp_matmul(kernel, mode_name, mode, type, has_global, suffix) \
-  instantiate_kernel("fp_" #kernel "_" #mode_name "_" #type suffix, kernel, metalq::Fp<type, mode, has_global>, \
-                     constant metalq::BatchParams&)
+  instantiate_kernel("fp_" #kernel "_" #mode_name "_" #type suffix, kernel, metalq::Fp<type, mode, has_global>)
 
 #define instantiate_fp(mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_quantize_" #mode_name "_" #type suffix, fp_quantize, type, mode, has_global) \
@@ -139,12 +138,10 @@ instantiate_qmm_types(bfloat)
   instantiate_fp_matmul(qmv_wide, mode_name, mode, type, has_global, suffix) \
   instantiate_fp_matmul(qvm, mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_qmv_quad_k64_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
-                     64, constant metalq::BatchParams&) \
+                     64) \
   instantiate_kernel("fp_qvm_split_k_" #mode_name "_" #type suffix, qvm_split_k, metalq::Fp<type, mode, has_global>) \
-  instantiate_kernel("fp_qmm_t_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, true, \
-                     constant metalq::BatchParams&) \
-  instantiate_kernel("fp_qmm_n_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, false, \
-                     constant metalq::BatchParams&) \
+  instantiate_kernel("fp_qmm_t_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, true) \
+  instantiate_kernel("fp_qmm_n_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, false) \
   instantiate_kernel("fp_qmm_t_splitk_" #mode_name "_" #type suffix, qmm_splitk, metalq::Fp<type, mode, has_global>, \
                      true) \
   instantiate_kernel("fp_qmm_n_splitk_" #mode_name "_" #type suffix, qmm_splitk, metalq::Fp<type, mode, has_global>, \
@@ -153,7 +150,7 @@ instantiate_qmm_types(bfloat)
 // qmv_quad at K = 128 gives each lane 32 values: only for the modes whose groups hold them.
 #define instantiate_fp_quad_k128(mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_qmv_quad_k128_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
-                     128, constant metalq::BatchParams&)
+                     128)
 
 #define instantiate_fp_types(leaf, mode_name, mode, has_global, suffix) \
   leaf(mode_name, mode, float, has_global, suffix) \

@@ -59,6 +59,107 @@ def test_address_space_misuse_fails_to_compile(tmp_path, template, wrong, right,
     assert emulator.build(good).exists()
 
 
+# ---- Metal language conformance: what Apple's compiler rejects, the emulator's build rejects -------
+# Each rule: a file with one placeholder `@`, its wrong spelling (rejected with a diagnostic on the
+# placeholder's .metal line) and its corrected spelling (builds). Enforced by the conformance pass
+# (emulator.check, clang's C++ for OpenCL mode) or by rewrite.py's kernel-signature checks.
+
+def _kernel(decl="", body="out[i] = 1.0f;"):
+    return (f"#include <metal_stdlib>\nusing namespace metal;\n{decl}\n"
+            f"[[kernel]] void k(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {{\n"
+            f"  {body}\n}}\n")
+
+
+_TEMPLATE_KERNEL = """#include <metal_stdlib>
+using namespace metal;
+template <typename Out>
+[[kernel]] void k(@ out [[buffer(0)]], uint i [[thread_position_in_grid]]) { out[i] = 1.0f; }
+template [[host_name("k")]] [[kernel]] decltype(k<device float*>) k<device float*>;
+"""
+_SIGNATURE = """#include <metal_stdlib>
+using namespace metal;
+[[kernel]] void k(device float* out [[buffer(0)]], @) { out[0] = 1.0f; }
+"""
+
+_CONFORMANCE_RULES = {
+    # name: (template, wrong, right, message)
+    "program-scope-variable-not-constant": (
+        _kernel("@float kScale = 2.0f;", "out[i] = kScale;"), "", "constant ", "must be in the constant address space"),
+    "static-data-member-not-constant": (
+        _kernel("struct Format { static @constexpr int bits = 4; };", "out[i] = float(Format::bits);"), "",
+        "constant ", "static data members) must be in the constant address space"),
+    "static-local-not-constant": (
+        _kernel("", "static @int calls = 0; out[i] = float(calls);"), "", "constant ",
+        "static local variables must be in the constant address space"),
+    "double": (_kernel("", "out[i] = float(@(i) * 0.5f);"), "double", "float", "Metal has no type 'double'"),
+    "long-double": (_kernel("", "@ half_i = i * 0.5f; out[i] = float(half_i);"), "long double", "float",
+                    "Metal has no type 'long double'"),
+    "virtual-function": (
+        _kernel("struct Shape { @float area() const { return 1.0f; } };", "out[i] = Shape().area();"), "virtual ", "",
+        "virtual functions are not supported in Metal"),
+    "throw": (_kernel("", "if (i > 1024) { @; } out[i] = 1.0f;"), "throw 1", "return",
+              "cannot use 'throw' with exceptions disabled"),
+    "try-catch": (_kernel("", "@"), "try { out[i] = 1.0f; } catch (...) {}", "{ out[i] = 1.0f; }",
+                  "cannot use 'try' with exceptions disabled"),
+    "new-delete": (_kernel("", "@"), "float* p = new float(1.0f); out[i] = *p; delete p;",
+                   "float v = 1.0f; out[i] = v;", "'default new' is not supported in Metal"),
+    "thread_local": (_kernel("", "@int x = 1; out[i] = float(x);"), "thread_local ", "",
+                     "does not support the 'thread_local' storage class specifier"),
+    "register": (_kernel("", "@int x = 1; out[i] = float(x);"), "register ", "",
+                 "Metal does not support the 'register' storage class specifier"),
+    "typeid": (_kernel("", "@out[i] = 1.0f;"), "(void)typeid(float); ", "", "'typeid' is not supported in Metal"),
+    "goto": (_kernel("", "@out[i] = 1.0f;"), "goto done; done: ", "", "`goto`: Metal has no goto"),
+    "noexcept": (_kernel("inline float one() @{ return 1.0f; }", "out[i] = one();"), "noexcept ", "",
+                 "`noexcept`: Metal has no noexcept"),
+    "kernel-returns-void": (_kernel().replace("[[kernel]] void k(", "[[kernel]] @ k("), "float", "void",
+                            "a [[kernel]] function must return void"),
+    "buffer-address-space-in-template-argument": (
+        _TEMPLATE_KERNEL, "Out", "device float*", "must be a pointer or reference to device or constant memory"),
+    "buffer-without-address-space": (
+        _kernel().replace("device float* out", "@float* out"), "", "device ",
+        "must be a pointer or reference to device or constant memory"),
+    "buffer-by-value": (_SIGNATURE, "uint n [[buffer(1)]]", "constant uint& n [[buffer(1)]]",
+                        "must be a pointer or reference to device or constant memory"),
+    "buffer-index-range": (_SIGNATURE, "constant uint& n [[buffer(31)]]", "constant uint& n [[buffer(30)]]",
+                           "[[buffer(31)]] is outside the argument table (indices 0..30)"),
+    "threadgroup-index-range": (_SIGNATURE, "threadgroup float* t [[threadgroup(31)]]",
+                                "threadgroup float* t [[threadgroup(30)]]",
+                                "[[threadgroup(31)]] is outside the argument table"),
+    "threadgroup-parameter-address-space": (
+        _SIGNATURE, "device float* t [[threadgroup(0)]]", "threadgroup float* t [[threadgroup(0)]]",
+        "must be a pointer or reference to threadgroup memory"),
+    "builtin-position-type": (_SIGNATURE, "int i [[thread_position_in_grid]]", "ushort2 i [[thread_position_in_grid]]",
+                              "[[thread_position_in_grid]] cannot be declared `int`"),
+    "builtin-index-type": (_SIGNATURE, "uint2 lane [[thread_index_in_simdgroup]]",
+                           "ushort lane [[thread_index_in_simdgroup]]",
+                           "[[thread_index_in_simdgroup]] cannot be declared `uint2`"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(_CONFORMANCE_RULES))
+def test_metal_rule_is_enforced(tmp_path, rule):
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    template, wrong, right, message = _CONFORMANCE_RULES[rule]
+    line = template[:template.index("@")].count("\n") + 1
+    bad = tmp_path / "bad.metal"
+    bad.write_text(template.replace("@", wrong))
+    with pytest.raises(emulator.BuildError) as err:
+        emulator.build(bad)
+    assert f"bad.metal:{line}:" in str(err.value) and message in str(err.value), str(err.value)
+    good = tmp_path / "good.metal"
+    good.write_text(template.replace("@", right))
+    assert emulator.build(good).exists()
+
+
+def test_if_constexpr_is_accepted(tmp_path):
+    # MSL is C++14-based, but MLX relies on `if constexpr` (a C++17 extension Apple's compiler accepts).
+    require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
+    source = tmp_path / "if_constexpr.metal"
+    source.write_text(_kernel("template <int N> float twice() { if constexpr (N > 0) { return 2.0f * N; } "
+                              "else { return 0.0f; } }", "out[i] = twice<2>();"))
+    emulator.check(source)
+
+
 def test_builds_are_cached():
     require(emulator.available(), f"{emulator.CLANG} (apt-get install clang-19)")
     first = emulator.build(SELFTEST)

@@ -4,6 +4,9 @@ A .metal file is preprocessed, rewritten (rewrite.py) and compiled as C++ by cla
 shim include/msl_emu.h, where Metal address spaces are clang address spaces, half/bfloat round after
 every operation and device-memory accesses are traced. The result is linked with runtime.cpp (one
 fiber per Metal thread) into a shared library, cached by content hash, and driven through ctypes.
+Before that, check() runs the conformance pass (rewrite.py's kernel-signature and statement checks,
+then the rewritten file parsed in clang's C++ for OpenCL mode against conformance/msl_conformance.h),
+so what Apple's compiler rejects fails here too, with the .metal file and line.
 
 Covered: kernels with [[buffer]] / [[threadgroup]] / builtin parameters, template instantiation by
 host name, scalar and vector types (constructors, swizzles, half literals), threadgroup memory
@@ -27,7 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .rewrite import rewrite
+from .rewrite import RewriteError, rewrite
 
 CLANG = os.environ.get("METALQ_EMULATOR_CLANG", "clang++-19")
 HERE = Path(__file__).resolve().parent
@@ -42,6 +45,26 @@ _CXXFLAGS = [
 ]
 # Every load and store of kernel code calls the runtime, which counts those hitting a bound buffer.
 _TRACE = ["-fsanitize-coverage=edge,trace-loads,trace-stores"]
+# The conformance pass: the rewritten file parsed again in clang's C++ for OpenCL mode, whose rules are
+# Metal's where C++ is laxer (program-scope variables, static data members and static locals only in
+# `constant`; no double, virtual functions, exceptions, new/delete, thread_local, typeid, register;
+# C++ for OpenCL 2021 is C++17-based). x86-64 rather than spir64: that target has __bf16 (bfloat).
+_CONFORMANCE = [
+    "-cc1", "-x", "clcpp", "-cl-std=clc++2021", "-triple", "x86_64-unknown-linux-gnu", "-fsyntax-only",
+    "-cl-ext=-__opencl_c_program_scope_global_variables,-__opencl_c_device_enqueue,-cl_khr_fp64,-__opencl_c_fp64",
+    "-Wno-unknown-attributes", "-Wno-duplicate-decl-specifier",
+]
+# OpenCL's wording of a diagnostic -> Metal's.
+_METAL_WORDING = [
+    ("use of type 'double' requires cl_khr_fp64 and __opencl_c_fp64 support", "Metal has no type 'double'"),
+    ("use of type 'long double' requires cl_khr_fp64 and __opencl_c_fp64 support", "Metal has no type 'long double'"),
+    ("C++ for OpenCL version 2021", "Metal"),
+    ("C++ for OpenCL", "Metal"),
+    ("program scope variable must reside in constant address space",
+     "program-scope variables (and static data members) must be in the constant address space"),
+    ("static local variable must reside in constant address space",
+     "static local variables must be in the constant address space"),
+]
 
 
 class BuildError(RuntimeError):
@@ -107,16 +130,54 @@ def translate(metal: Path, include_dirs=()) -> str:
     Preprocessed from the file's own directory, so diagnostics name `file.metal:line` and the cache
     key does not depend on where the file lives.
     """
+    return _rewrite(_preprocess(metal, include_dirs))
+
+
+def _preprocess(metal: Path, include_dirs) -> str:
     metal = Path(metal).resolve()
-    preprocessed = _run(
+    return _run(
         [CLANG, "-E", "-x", "c++", "-std=c++17", "-D__METAL__", "-D__METAL_VERSION__=310",
          "-I", str(HERE / "stub"), *(f"-I{Path(d).resolve()}" for d in include_dirs), metal.name], cwd=metal.parent)
-    return rewrite(preprocessed)
+
+
+def _rewrite(preprocessed: str, conformance: bool = False) -> str:
+    try:
+        return rewrite(preprocessed, conformance)
+    except RewriteError as err:
+        raise BuildError(str(err)) from None
+
+
+def check(metal: Path, include_dirs=(), preprocessed: str | None = None) -> None:
+    """The conformance pass (cached): raises BuildError, naming the .metal line, for what Apple's
+    compiler rejects and the emulator's C++ build would accept."""
+    if preprocessed is None:
+        preprocessed = _preprocess(metal, include_dirs)
+    source = _rewrite(preprocessed, conformance=True)
+    header = HERE / "conformance" / "msl_conformance.h"
+
+    def parse(out: str) -> None:
+        cpp = Path(out).with_suffix(".cpp")
+        cpp.write_text(source)
+        try:
+            proc = subprocess.run([CLANG, *_CONFORMANCE, "-I", str(header.parent), str(cpp)],
+                                  capture_output=True, text=True)
+        finally:
+            cpp.unlink()
+        if proc.returncode:
+            message = proc.stderr
+            for opencl, metal_words in _METAL_WORDING:
+                message = message.replace(opencl, metal_words)
+            raise BuildError(f"{Path(metal).name} is not valid Metal (conformance pass):\n{message}")
+
+    _cached("conformance-{}.ok", source + header.read_text() + str(_CONFORMANCE) + _clang_version(), parse)
 
 
 def build(metal: Path, include_dirs=()) -> Path:
-    """Compiles `metal` into a kernel library (cached); raises BuildError with clang's diagnostics."""
-    source = translate(Path(metal), include_dirs)
+    """Checks `metal` (check()) and compiles it into a kernel library (cached); raises BuildError
+    with the diagnostics, which name the .metal file and line."""
+    preprocessed = _preprocess(Path(metal), include_dirs)
+    check(Path(metal), include_dirs, preprocessed)
+    source = _rewrite(preprocessed)
     shim = "".join(p.read_text() for p in sorted((HERE / "include").iterdir()))
     runtime = _runtime_object()
 
