@@ -298,3 +298,103 @@ def test_traffic_counts_each_binding(lib):
     assert traffic[0] == emulator.Traffic(512, 0, 512, 0)
     assert traffic[1] == emulator.Traffic(0, 512, 0, 512)
     assert traffic[2] == emulator.Traffic(128 * 8, 0, 8, 0)  # every thread reads both fields
+
+
+# ---- Metal's limits: each violation is an EmulatorError naming the kernel; within the limit it runs --
+
+@pytest.mark.parametrize("limit", [1024, 512, 256])
+def test_pipeline_thread_limit(lib, limit):
+    # maxTotalThreadsPerThreadgroup of the pipeline: a threadgroup of `limit` threads runs, one more
+    # SIMD-group does not (whatever the shape of the threadgroup).
+    x = torch.arange(limit, dtype=torch.float32)
+    out = torch.zeros(limit)
+    lib.dispatch("neighbour", (1, 1, 1), (limit, 1, 1), {0: x, 1: out, 2: struct.pack("ii", 1, 1)},
+                 thread_limit=limit)
+    assert torch.equal(out, torch.roll(x, -1))
+    if limit < 1024:
+        with pytest.raises(emulator.EmulatorError, match=rf"^neighbour: threadgroup of {limit + 32} threads "
+                                                         rf"\(32x{limit // 32 + 1}x1\) exceeds the pipeline's "
+                                                         rf"maxTotalThreadsPerThreadgroup {limit}"):
+            lib.dispatch("neighbour", (1, 1, 1), (32, limit // 32 + 1, 1), {0: torch.zeros(limit + 32),
+                         1: torch.zeros(limit + 32), 2: struct.pack("ii", 1, 1)}, thread_limit=limit)
+
+
+def test_set_bytes_payload_is_at_most_4_kb(lib):
+    n = 1024  # 1024 floats: exactly 4096 bytes
+    values = torch.randn(n + 1, generator=torch.Generator().manual_seed(3))
+    out = torch.zeros(n + 1)
+    lib.dispatch("copy_bytes", (1, 1, 1), (n, 1, 1),
+                 {0: values[:n].numpy().tobytes(), 1: out, 2: struct.pack("I", n)})
+    assert torch.equal(out[:n], values[:n])
+    with pytest.raises(emulator.EmulatorError, match=r"^copy_bytes: setBytes payload for buffer\(0\) is 4100 bytes"):
+        lib.dispatch("copy_bytes", (1, 1, 1), (n, 1, 1),
+                     {0: values.numpy().tobytes(), 1: out, 2: struct.pack("I", n + 1)})
+
+
+@pytest.mark.parametrize("vector, size, dtype", [("float4", 16, torch.float32), ("half4", 8, torch.float16),
+                                                 ("uint2", 8, torch.int32), ("float", 4, torch.float32)])
+@pytest.mark.parametrize("space", ["device", "threadgroup"])
+def test_vector_accesses_are_naturally_aligned(lib, vector, size, dtype, space):
+    kernel = f"vector_at_offset_{vector}"
+    data = torch.arange(64, dtype=torch.uint8)
+    out = torch.zeros(size // dtype.itemsize, dtype=dtype)
+    lib.dispatch(kernel, (1, 1, 1), (1, 1, 1), {0: data, 1: out, 2: struct.pack("II", size, 2 * size)})
+    assert out.view(torch.uint8).tolist() == list(range(size, 2 * size))
+    # Half the natural alignment (the vector's size): a load from device memory, a store to threadgroup memory.
+    offsets = (size + size // 2, 0) if space == "device" else (0, size // 2)
+    where = f"load at offset {offsets[0]} of buffer\\(0\\)" if space == "device" else \
+        f"store at offset {offsets[1]} of threadgroup memory"
+    with pytest.raises(emulator.EmulatorError, match=rf"^{kernel}: misaligned {size}-byte {where} "):
+        lib.dispatch(kernel, (1, 1, 1), (1, 1, 1), {0: data, 1: out, 2: struct.pack("II", *offsets)})
+
+
+@pytest.mark.parametrize("dynamic, fits", [(16 * 1024, True), (16 * 1024 + 16, False), (32 * 1024 + 16, False)])
+def test_threadgroup_memory_limit_counts_static_and_dynamic(lib, dynamic, fits):
+    # 16 KiB declared in the kernel plus setThreadgroupMemoryLength(dynamic): at most 32 KiB in all.
+    out = torch.zeros(64)
+    run = lambda: lib.dispatch("static_and_dynamic_threadgroup_memory", (1, 1, 1), (64, 1, 1), {0: out},
+                               threadgroup_memory={0: dynamic})
+    if fits:
+        run()
+        assert torch.equal(out, torch.arange(64, dtype=torch.float32) + 1)
+    else:
+        with pytest.raises(emulator.EmulatorError,
+                           match=r"^static_and_dynamic_threadgroup_memory: threadgroup memory exceeds 32768 bytes"):
+            run()
+
+
+# ---- SIMD-groups advance independently between barriers --------------------------------------------
+
+def _overwrite_after_read(lib, synchronized, order, seed=0, n=128):
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.zeros(n)
+    lib.dispatch("overwrite_after_read", (1, 1, 1), (n, 1, 1), {0: x, 1: out, 2: struct.pack("i", synchronized)},
+                 order=order, seed=seed)
+    lane = torch.arange(n)
+    return out, ((lane ^ 1) + 32) % n
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+def test_barrier_orders_simdgroups(lib, order):
+    out, expected = _overwrite_after_read(lib, True, order)
+    assert torch.equal(out, expected.float())
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_simdgroup_running_ahead_catches_write_after_read(lib, order):
+    # forward: SIMD-group 0 overwrites its slots before SIMD-group 3 reads them; reverse: SIMD-group 3
+    # overwrites before SIMD-group 2 reads. Either way one whole SIMD-group reads -1.
+    out, expected = _overwrite_after_read(lib, False, order)
+    assert (out == -1).sum() >= 32 and not torch.equal(out, expected.float())
+
+
+def test_random_simdgroup_interleavings_are_seeded(lib):
+    runs = [_overwrite_after_read(lib, False, "random", seed)[0] for seed in (1, 1, 2, 3, 4)]
+    assert torch.equal(runs[0], runs[1])
+    assert any((out == -1).any() for out in runs)
+
+
+def test_threadgroup_memory_is_poisoned_for_every_threadgroup(lib):
+    out = torch.zeros(4, 64)
+    lib.dispatch("threadgroup_memory_is_fresh", (4, 1, 1), (64, 1, 1), {0: out})
+    assert (out[0] == 1).all() and torch.isnan(out[1:]).all()

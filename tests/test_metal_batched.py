@@ -87,13 +87,14 @@ CASES = [
 
 @pytest.mark.parametrize("name, kernels, x_shape, w_batch, kn, transpose, dtype, group_size, bits", CASES,
                          ids=[c[0] for c in CASES])
-def test_every_branch_batched(lib, name, kernels, x_shape, w_batch, kn, transpose, dtype, group_size, bits):
+@pytest.mark.parametrize("order", ["random", "forward", "reverse"])
+def test_every_branch_batched(lib, name, kernels, x_shape, w_batch, kn, transpose, dtype, group_size, bits, order):
     K, N = kn
     g = torch.Generator().manual_seed(len(name) + K)
     rows, packed = (N, K) if transpose else (K, N)
     wq, scales, biases = _weights(w_batch, rows, packed, dtype, group_size, bits, g)
     x = torch.randn(x_shape, generator=g).to(dtype)
-    out, plans = emulate(lib, x, wq, scales, biases, group_size, bits, transpose)
+    out, plans = emulate(lib, x, wq, scales, biases, group_size, bits, transpose, order)
     assert [_base(p["kernel"]) for p in plans] == kernels
     count, M = _batch_params(plans[0])[0], struct.unpack("<I", dict(plans[0]["bytes"])[5][:4])[0]
     assert plans[0]["threadgroups"][2] % count == 0 and count * M * N == out.numel()

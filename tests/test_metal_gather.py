@@ -97,12 +97,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("order", ["random", "forward", "reverse"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_every_branch_matches_oracles(lib, case):
+def test_every_branch_matches_oracles(lib, case, order):
     name, kernels, x_shape, count, lhs, rhs, (K, N), transpose, sorted_indices, dtype, gs, bits = case
     wq, scales, biases = experts(count, N if transpose else K, K if transpose else N, dtype, gs, bits)
     x = torch.randn(x_shape, generator=torch.Generator().manual_seed(len(name))).to(dtype)
-    out, plans, _ = emulate(lib, x, wq, scales, biases, lhs, rhs, transpose, gs, bits, sorted_indices)
+    out, plans, _ = emulate(lib, x, wq, scales, biases, lhs, rhs, transpose, gs, bits, sorted_indices, order)
     assert [_base(p["kernel"]) for p in plans] == kernels
     check(out, x, wq, scales, biases, lhs, rhs, transpose, gs, bits, sorted_indices)
 

@@ -154,10 +154,11 @@ SHAPES = [  # M, N, K, transpose, dtype, group_size, bits, partitions
 ]
 
 
+@pytest.mark.parametrize("order", ["random", "forward", "reverse"])
 @pytest.mark.parametrize("M, N, K, transpose, dtype, group_size, bits, partitions", SHAPES)
-def test_shapes(lib, M, N, K, transpose, dtype, group_size, bits, partitions):
+def test_shapes(lib, M, N, K, transpose, dtype, group_size, bits, partitions, order):
     x, packed, weights = _problem(M, N, K, dtype, group_size, bits, transpose, seed=M + N + K)
-    out, plans, _ = emulate(lib, x, packed, group_size, bits, transpose, order="random")
+    out, plans, _ = emulate(lib, x, packed, group_size, bits, transpose, order=order)
     assert plans[0]["threadgroups"][2] == partitions and len(plans) == (1 if partitions == 1 else 2)
     check_against_oracles(out, x, packed, weights, group_size, bits, transpose)
 

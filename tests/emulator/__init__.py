@@ -12,8 +12,16 @@ Covered: kernels with [[buffer]] / [[threadgroup]] / builtin parameters, templat
 host name, scalar and vector types (constructors, swizzles, half literals), threadgroup memory
 (static and dynamic, NaN-poisoned), threadgroup_barrier, simd_sum/product/max/min, simd_shuffle(_up,
 _down, _xor), simd_broadcast, simdgroup_barrier, simdgroup_matrix<T, 8, 8> load/store/multiply(_accumulate)
-and the math used by metal/. Errors: divergent barriers and collectives, inactive-lane reads, more
-than 1024 threads or 32 KiB of threadgroup memory, accesses just outside a bound buffer.
+and the math used by metal/. Scheduling: between two threadgroup barriers each SIMD-group advances on
+its own (SIMD-group functions synchronise the lanes of one SIMD-group only); order "forward" /
+"reverse" runs each SIMD-group in turn (first to last / last to first) all the way to the next
+barrier, "random" interleaves SIMD-groups step by step (seeded). Threadgroup memory is NaN-poisoned
+at the start of every threadgroup. Errors (EmulatorError, naming the kernel): divergent barriers and
+collectives, inactive-lane reads, a threadgroup over the pipeline's maxTotalThreadsPerThreadgroup
+(thread_limit, at most 1024), setBytes payloads over 4 KB, more than 32 KiB of threadgroup memory
+(static declarations plus setThreadgroupMemoryLength), misaligned accesses (a scalar or vector type
+of 2..16 bytes on a multiple of its size, in device, constant and threadgroup memory), accesses just
+outside a bound buffer.
 Not covered: textures, atomics, function constants, quad and prefix/ballot SIMD functions, packed_*
 and matrix types, `vec<T, N>(...)` constructors, struct copies out of device memory (a compile error
 here, legal in MSL), fast-math numerics. Threadgroups run one after another on one OS thread.
@@ -36,6 +44,8 @@ CLANG = os.environ.get("METALQ_EMULATOR_CLANG", "clang++-19")
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalq-emulator"
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
+MAX_THREADS_PER_THREADGROUP = 1024  # Apple GPUs; a pipeline's maxTotalThreadsPerThreadgroup can be lower
+SET_BYTES_LIMIT = 4096  # setBytes:length:atIndex: "for data smaller than 4 KB"
 
 _CXXFLAGS = [
     "-std=c++17", "-O2", "-fPIC", "-fno-fast-math", "-ffp-contract=off",
@@ -44,7 +54,9 @@ _CXXFLAGS = [
     "-Wall", "-Wno-unknown-attributes", "-Wno-duplicate-decl-specifier", "-Wno-unused-function",
 ]
 # Every load and store of kernel code calls the runtime, which counts those hitting a bound buffer.
-_TRACE = ["-fsanitize-coverage=edge,trace-loads,trace-stores"]
+# Its size is the accessed type's, which must be naturally aligned (runtime.cpp checks it), so no
+# auto-vectorisation merges narrower accesses into wider ones.
+_TRACE = ["-fsanitize-coverage=edge,trace-loads,trace-stores", "-fno-vectorize", "-fno-slp-vectorize"]
 # The conformance pass: the rewritten file parsed again in clang's C++ for OpenCL mode, whose rules are
 # Metal's where C++ is laxer (program-scope variables, static data members and static locals only in
 # `constant`; no double, virtual functions, exceptions, new/delete, thread_local, typeid, register;
@@ -209,15 +221,22 @@ class Library:
         self.kernels = frozenset(lib.msl_emu_kernel_name(i).decode() for i in range(lib.msl_emu_kernel_count()))
 
     def dispatch(self, kernel: str, threadgroups, threads_per_threadgroup, buffers: dict, threadgroup_memory=None,
-                 order: str = "forward", seed: int = 0) -> dict[int, Traffic]:
+                 order: str = "forward", seed: int = 0,
+                 thread_limit: int = MAX_THREADS_PER_THREADGROUP) -> dict[int, Traffic]:
         """dispatchThreadgroups(threadgroups, threads_per_threadgroup) with buffers {index: tensor or bytes}.
 
-        Tensors must be contiguous CPU tensors (used in place); bytes are copied as setBytes does.
-        Returns the device-memory traffic of each buffer index.
+        Tensors must be contiguous CPU tensors (used in place); bytes are copied as setBytes does
+        (at most 4 KB each). thread_limit is the pipeline's maxTotalThreadsPerThreadgroup: a larger
+        threadgroup is an error, as on the Mac. Returns the device-memory traffic of each buffer index.
         """
+        if not 0 < thread_limit <= MAX_THREADS_PER_THREADGROUP:
+            raise ValueError(f"thread_limit must be 1..{MAX_THREADS_PER_THREADGROUP}, got {thread_limit}")
         keep_alive, pointers, sizes = [], [], []
-        for value in buffers.values():
+        for index, value in buffers.items():
             if isinstance(value, (bytes, bytearray)):
+                if len(value) > SET_BYTES_LIMIT:
+                    raise EmulatorError(f"{kernel}: setBytes payload for buffer({index}) is {len(value)} bytes; "
+                                        f"Metal allows at most {SET_BYTES_LIMIT} (bind a buffer instead)")
                 data = ctypes.create_string_buffer(bytes(value), len(value))
                 keep_alive.append(data)
                 pointers.append(ctypes.cast(data, ctypes.c_void_p))
@@ -235,14 +254,21 @@ class Library:
             kernel.encode(), (ctypes.c_uint32 * 3)(*threadgroups), (ctypes.c_uint32 * 3)(*threads_per_threadgroup),
             n, (ctypes.c_int * n)(*buffers), (ctypes.c_void_p * n)(*pointers), (ctypes.c_uint64 * n)(*sizes),
             len(tg), (ctypes.c_int * len(tg))(*tg), (ctypes.c_uint32 * len(tg))(*tg.values()),
-            ORDERS[order], ctypes.c_uint64(seed), traffic, error, ctypes.c_size_t(len(error)))
+            ctypes.c_uint32(thread_limit), ORDERS[order], ctypes.c_uint64(seed), traffic, error,
+            ctypes.c_size_t(len(error)))
         if rc:
             raise EmulatorError(error.value.decode())
         return {index: Traffic(*traffic[4 * i:4 * i + 4]) for i, index in enumerate(buffers)}
 
-    def run(self, plan: dict, order: str = "forward", seed: int = 0) -> dict[int, Traffic]:
-        """Encodes a DispatchPlan (metalq._C.plan_*) exactly as the Mac encoder does and runs it."""
+    def run(self, plan: dict, order: str = "forward", seed: int = 0,
+            thread_limit: int = MAX_THREADS_PER_THREADGROUP) -> dict[int, Traffic]:
+        """Encodes a DispatchPlan (metalq._C.plan_*) exactly as the Mac encoder does and runs it: fitted
+        to the pipeline's maxTotalThreadsPerThreadgroup (thread_limit) with metalq._C.fit_thread_limit,
+        then dispatched on a pipeline with that limit."""
+        import metalq  # the host side that plans dispatches; only plans need it
+
+        plan = metalq._C.fit_thread_limit(plan, thread_limit)
         buffers = {index: tensor for index, tensor in plan["buffers"]}
         buffers.update({index: data for index, data in plan["bytes"]})
         return self.dispatch(plan["kernel"], plan["threadgroups"], plan["threads_per_threadgroup"], buffers,
-                             dict(plan["threadgroup_memory"]), order, seed)
+                             dict(plan["threadgroup_memory"]), order, seed, thread_limit)

@@ -101,6 +101,7 @@ std::vector<Kernel>& registry() {
 
 // Device-memory traffic of one buffer binding.
 struct Buffer {
+  int index = 0;  // [[buffer(index)]]
   uint8_t* base = nullptr;
   uint64_t size = 0;
   uint64_t read = 0, written = 0;
@@ -174,39 +175,37 @@ void* fresh_stack(size_t i) {
 
 // ---- scheduling ---------------------------------------------------------------------------------
 
-// Resolves every SIMD-group whose waiting lanes all reached the same collective. Lanes that
-// returned or wait at a threadgroup barrier are inactive, exactly as on the GPU.
-bool resolve_collectives(Dispatch& d) {
-  bool resolved = false;
+// Resolves the collective of the SIMD-group starting at thread `first` once none of its lanes can
+// run and its waiting lanes all reached the same collective. Lanes that returned or wait at a
+// threadgroup barrier are inactive, exactly as on the GPU.
+bool resolve_collective(Dispatch& d, uint32_t first) {
   const uint32_t n = d.thread_count;
-  for (uint32_t first = 0; first < n; first += kSimdWidth) {
-    msl_emu::Lane lanes[kSimdWidth] = {};
-    uint32_t mask = 0;
-    Fiber* leader = nullptr;
-    for (uint32_t l = 0; l < kSimdWidth && first + l < n; ++l) {
-      Fiber& f = d.fibers[first + l];
-      if (f.state != State::collective) continue;
-      if (!leader) {
-        leader = &f;
-      } else if (f.line != leader->line || f.file != leader->file || f.resolve != leader->resolve) {
-        d.error = "divergent SIMD-group functions: thread " + std::to_string(leader->linear) + " at " +
-                  site(leader->file, leader->line) + ", thread " + std::to_string(f.linear) + " at " +
-                  site(f.file, f.line);
-        return false;
-      }
-      lanes[l] = f.lane;
-      mask |= 1u << l;
-    }
-    if (!leader) continue;
-    if (const char* err = leader->resolve(lanes, mask)) {
-      d.error = std::string(err) + " at " + site(leader->file, leader->line);
+  msl_emu::Lane lanes[kSimdWidth] = {};
+  uint32_t mask = 0;
+  Fiber* leader = nullptr;
+  for (uint32_t l = 0; l < kSimdWidth && first + l < n; ++l) {
+    Fiber& f = d.fibers[first + l];
+    if (f.state == State::runnable) return false;
+    if (f.state != State::collective) continue;
+    if (!leader) {
+      leader = &f;
+    } else if (f.line != leader->line || f.file != leader->file || f.resolve != leader->resolve) {
+      d.error = "divergent SIMD-group functions: thread " + std::to_string(leader->linear) + " at " +
+                site(leader->file, leader->line) + ", thread " + std::to_string(f.linear) + " at " +
+                site(f.file, f.line);
       return false;
     }
-    for (uint32_t l = 0; l < kSimdWidth && first + l < n; ++l)
-      if (mask >> l & 1) d.fibers[first + l].state = State::runnable;
-    resolved = true;
+    lanes[l] = f.lane;
+    mask |= 1u << l;
   }
-  return resolved;
+  if (!leader) return false;
+  if (const char* err = leader->resolve(lanes, mask)) {
+    d.error = std::string(err) + " at " + site(leader->file, leader->line);
+    return false;
+  }
+  for (uint32_t l = 0; l < kSimdWidth && first + l < n; ++l)
+    if (mask >> l & 1) d.fibers[first + l].state = State::runnable;
+  return true;
 }
 
 // Releases a threadgroup barrier once every thread waits at the same one; false when all returned.
@@ -235,6 +234,32 @@ bool release_barrier(Dispatch& d) {
   return true;
 }
 
+// Runs the lanes of SIMD-group `sg` that can run, each until it blocks, in `lanes` order (lane
+// indices inside the group), then resolves the group's collective if all its lanes reached it.
+// Returns whether anything ran.
+bool step_simdgroup(Dispatch& d, uint32_t sg, const std::vector<uint32_t>& lanes) {
+  const uint32_t first = sg * kSimdWidth;
+  bool ran = false;
+  for (uint32_t l : lanes) {
+    if (first + l >= d.thread_count) continue;
+    Fiber& f = d.fibers[first + l];
+    if (f.state != State::runnable) continue;
+    d.current = &f;
+    msl_emu_switch(&d.scheduler_sp, f.sp);
+    ran = true;
+    if (!d.error.empty()) return ran;
+  }
+  return resolve_collective(d, first) || ran;
+}
+
+// Between two threadgroup barriers every SIMD-group advances on its own, as on the GPU, where
+// nothing orders SIMD-groups except barriers. forward / reverse: each SIMD-group in turn (first to
+// last, last to first) runs all the way to the next barrier (or its end) before the next one
+// starts, so a SIMD-group that reads threadgroup memory another one writes (or overwrites what
+// another still has to read) without a barrier in between sees the poison or the overwritten
+// value in one of the two orders. random (seeded): a random SIMD-group advances one step (to its
+// next collective or barrier) at a time. Lanes of one SIMD-group run forward, reverse or shuffled
+// between its collectives.
 void run_threadgroup(Dispatch& d, int order, std::mt19937_64& rng) {
   std::memset(d.arena, 0xFF, sizeof(d.arena));  // NaN in every float type: uninitialised reads show
   d.static_sites.clear();
@@ -251,19 +276,34 @@ void run_threadgroup(Dispatch& d, int order, std::mt19937_64& rng) {
     f.pos[1] = i / d.threads[0] % d.threads[1];
     f.pos[2] = i / (d.threads[0] * d.threads[1]);
   }
-  std::vector<uint32_t> schedule(n);
-  std::iota(schedule.begin(), schedule.end(), 0u);
-  if (order == 1) std::reverse(schedule.begin(), schedule.end());
-  while (true) {
-    if (order == 2) std::shuffle(schedule.begin(), schedule.end(), rng);
-    for (uint32_t i : schedule) {
-      Fiber& f = d.fibers[i];
-      if (f.state != State::runnable) continue;
-      d.current = &f;
-      msl_emu_switch(&d.scheduler_sp, f.sp);
-      if (!d.error.empty()) return;
+  const uint32_t groups = (n + kSimdWidth - 1) / kSimdWidth;
+  std::vector<uint32_t> lanes(kSimdWidth), simdgroups(groups);
+  std::iota(lanes.begin(), lanes.end(), 0u);
+  std::iota(simdgroups.begin(), simdgroups.end(), 0u);
+  if (order == 1) {
+    std::reverse(lanes.begin(), lanes.end());
+    std::reverse(simdgroups.begin(), simdgroups.end());
+  }
+  while (true) {  // one pass per barrier interval
+    if (order == 2) {
+      std::vector<uint32_t> live = simdgroups;
+      while (!live.empty()) {
+        const size_t pick = std::uniform_int_distribution<size_t>(0, live.size() - 1)(rng);
+        std::shuffle(lanes.begin(), lanes.end(), rng);
+        if (!step_simdgroup(d, live[pick], lanes)) {
+          live[pick] = live.back();
+          live.pop_back();
+        }
+        if (!d.error.empty()) return;
+      }
+    } else {
+      for (uint32_t sg : simdgroups) {
+        while (step_simdgroup(d, sg, lanes)) {
+          if (!d.error.empty()) return;
+        }
+        if (!d.error.empty()) return;
+      }
     }
-    if (resolve_collectives(d)) continue;
     if (!d.error.empty() || !release_barrier(d)) return;
   }
 }
@@ -275,14 +315,32 @@ void out_of_bounds(size_t bytes, int64_t offset, const Buffer& b) {
   fail(msg);
 }
 
+// Metal requires every access to be naturally aligned: a scalar or vector type of 2, 4, 8 or 16
+// bytes (half, float, uint2, half4, float4, ...; float3 and half3 occupy 16 and 8) on a multiple
+// of its size. Traced accesses have the size of the accessed type (kernel code is built without
+// auto-vectorisation, which could merge narrower accesses), so the size is the alignment to check.
+void misaligned(size_t bytes, uintptr_t offset, bool write, const std::string& where) {
+  char msg[200];
+  std::snprintf(msg, sizeof msg, "misaligned %zu-byte %s at offset %llu of %s (a %zu-byte scalar or vector type "
+                "must be %zu-byte aligned)", bytes, write ? "store" : "load", static_cast<unsigned long long>(offset),
+                where.c_str(), bytes, bytes);
+  fail(msg);
+}
+
 void record(const void* address, size_t bytes, bool write) {
   Dispatch* d = g_dispatch;
   if (!d) return;
   const auto a = reinterpret_cast<uintptr_t>(address);
+  const uintptr_t arena_offset = a - reinterpret_cast<uintptr_t>(d->arena);
+  if (arena_offset < kThreadgroupMemoryBytes) {
+    if (a % bytes) misaligned(bytes, arena_offset, write, "threadgroup memory");
+    return;
+  }
   for (Buffer& b : d->buffers) {
     const uintptr_t offset = a - reinterpret_cast<uintptr_t>(b.base);
     if (offset >= b.size) continue;
     if (offset + bytes > b.size) out_of_bounds(bytes, int64_t(offset), b);
+    if (a % bytes) misaligned(bytes, offset, write, "buffer(" + std::to_string(b.index) + ")");
     (write ? b.written : b.read) += bytes;
     std::memset((write ? b.write_seen : b.read_seen).data() + offset, 1, bytes);
     return;
@@ -388,13 +446,15 @@ int msl_emu_kernel_count() { return int(registry().size()); }
 
 const char* msl_emu_kernel_name(int i) { return registry()[i].name.c_str(); }
 
-// Runs one dispatchThreadgroups call. order: 0 forward, 1 reverse, 2 random (seeded) for both the
+// Runs one dispatchThreadgroups call on a pipeline whose maxTotalThreadsPerThreadgroup is
+// max_threads (at most 1024). order: 0 forward, 1 reverse, 2 random (seeded) for both the
 // threadgroups and the threads inside each. traffic receives 4 counters per buffer: bytes read,
 // bytes written, distinct bytes read, distinct bytes written. Returns 0, or 1 with `error` set.
 int msl_emu_dispatch(const char* kernel, const uint32_t threadgroups[3], const uint32_t threads[3], int buffer_count,
                      const int* buffer_index, void* const* buffer_data, const uint64_t* buffer_size,
                      int threadgroup_param_count, const int* threadgroup_index, const uint32_t* threadgroup_length,
-                     int order, uint64_t seed, uint64_t* traffic, char* error, size_t error_size) {
+                     uint32_t max_threads, int order, uint64_t seed, uint64_t* traffic, char* error,
+                     size_t error_size) {
   auto report = [&](const std::string& message) {
     std::snprintf(error, error_size, "%s: %s", kernel, message.c_str());
     return 1;
@@ -410,6 +470,10 @@ int msl_emu_dispatch(const char* kernel, const uint32_t threadgroups[3], const u
   if (count == 0 || count > kMaxThreadsPerThreadgroup)
     return report("threads per threadgroup must be 1.." + std::to_string(kMaxThreadsPerThreadgroup) + ", got " +
                   std::to_string(count));
+  if (count > max_threads)
+    return report("threadgroup of " + std::to_string(count) + " threads (" + std::to_string(threads[0]) + "x" +
+                  std::to_string(threads[1]) + "x" + std::to_string(threads[2]) +
+                  ") exceeds the pipeline's maxTotalThreadsPerThreadgroup " + std::to_string(max_threads));
   d.thread_count = uint32_t(count);
   d.fibers.assign(count, Fiber{});
   d.buffers.assign(buffer_count, Buffer{});
@@ -417,6 +481,7 @@ int msl_emu_dispatch(const char* kernel, const uint32_t threadgroups[3], const u
   for (int i = 0; i < buffer_count; ++i) {
     if (buffer_index[i] < 0 || buffer_index[i] >= kBufferSlots) return report("buffer index out of range");
     Buffer& b = d.buffers[i];
+    b.index = buffer_index[i];
     b.base = static_cast<uint8_t*>(buffer_data[i]);
     b.size = buffer_size[i];
     b.read_seen.assign(b.size, 0);
@@ -429,7 +494,9 @@ int msl_emu_dispatch(const char* kernel, const uint32_t threadgroups[3], const u
     d.dynamic_offset[threadgroup_index[i]] = d.dynamic_bytes;
     d.dynamic_bytes += threadgroup_length[i];
   }
-  if (d.dynamic_bytes > kThreadgroupMemoryBytes) return report("threadgroup memory exceeds 32 KiB");
+  if (d.dynamic_bytes > kThreadgroupMemoryBytes)
+    return report("threadgroup memory exceeds " + std::to_string(kThreadgroupMemoryBytes) + " bytes (" +
+                  std::to_string(d.dynamic_bytes) + " set with setThreadgroupMemoryLength)");
 
   std::vector<std::array<uint32_t, 3>> groups;
   for (uint32_t z = 0; z < threadgroups[2]; ++z)

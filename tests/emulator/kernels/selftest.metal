@@ -142,3 +142,86 @@ instantiate_kernel("matmul_8x8_half", matmul_8x8, half)
 [[kernel]] void out_of_bounds(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
   out[i] = 1.0f;  // dispatched with more threads than out has elements
 }
+
+// ---- Metal's limits (test_emulator.py) ---------------------------------------------------------
+
+// out[i] = p[i] for a setBytes payload p of n floats.
+[[kernel]] void copy_bytes(
+    constant float* p [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    constant uint& n [[buffer(2)]],
+    uint i [[thread_position_in_grid]]) {
+  if (i < n) {
+    out[i] = p[i];
+  }
+}
+
+// A vector V loaded from device memory `offset` bytes into `in`, and stored through threadgroup
+// memory at the same offset: naturally aligned only when offset is a multiple of sizeof(V).
+template <typename V>
+[[kernel]] void vector_at_offset(
+    const device uchar* in [[buffer(0)]],
+    device V* out [[buffer(1)]],
+    constant uint2& offsets [[buffer(2)]]) {  // x: device load offset, y: threadgroup store offset
+  threadgroup uchar raw[64];
+  const V v = *(const device V*)(in + offsets.x);
+  *(threadgroup V*)(raw + offsets.y) = v;
+  out[0] = *(threadgroup V*)(raw + offsets.y);
+}
+instantiate_kernel("vector_at_offset_float4", vector_at_offset, float4)
+instantiate_kernel("vector_at_offset_half4", vector_at_offset, half4)
+instantiate_kernel("vector_at_offset_uint2", vector_at_offset, uint2)
+instantiate_kernel("vector_at_offset_float", vector_at_offset, float)
+
+// 16 KiB of static threadgroup memory next to a [[threadgroup(0)]] buffer of the dispatch's length.
+[[kernel]] void static_and_dynamic_threadgroup_memory(
+    device float* out [[buffer(0)]],
+    threadgroup float* dynamic_part [[threadgroup(0)]],
+    uint i [[thread_index_in_threadgroup]]) {
+  threadgroup float static_part[4 * 1024];
+  static_part[i] = float(i);
+  dynamic_part[i] = 1.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = static_part[i] + dynamic_part[i];
+}
+
+// ---- scheduling of SIMD-groups (test_emulator.py) ----------------------------------------------
+
+// Each thread reads the value staged by the thread 32 places on (the other SIMD-group of two),
+// exchanges it inside its SIMD-group, then overwrites its own slot. Without the barrier between the
+// read and the overwrite, a SIMD-group that runs ahead clobbers what the other has not read yet (a
+// write-after-read race that only independent SIMD-groups expose: the shuffle in between keeps
+// lock-stepped threads apart).
+[[kernel]] void overwrite_after_read(
+    const device float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    constant int& synchronized [[buffer(2)]],
+    uint i [[thread_index_in_threadgroup]],
+    uint n [[threads_per_threadgroup]]) {
+  threadgroup float staged[256];
+  staged[i] = in[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float v = staged[(i + 32) % n];
+  v = simd_shuffle_xor(v, ushort(1));
+  if (synchronized) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  staged[i] = -1.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = v;
+}
+
+// out[group * n + i] = staged[i], written by threadgroup 0 only: every other threadgroup starts
+// with fresh (poisoned) threadgroup memory, never the previous threadgroup's.
+[[kernel]] void threadgroup_memory_is_fresh(
+    device float* out [[buffer(0)]],
+    uint i [[thread_index_in_threadgroup]],
+    uint n [[threads_per_threadgroup]],
+    uint group [[threadgroup_position_in_grid]]) {
+  threadgroup float staged[64];
+  if (group == 0) {
+    staged[i] = 1.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[group * n + i] = staged[i];
+}
