@@ -380,6 +380,11 @@ std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits) {
   return packed_sizes(q, bits);
 }
 
+void check_pack_values(const at::Tensor& q, int64_t bits) {
+  TORCH_CHECK_VALUE(q.numel() == 0 || q.max().item<uint8_t>() < (1 << bits), "[pack] q has values >= 2**bits = ",
+                    1 << bits, ".");
+}
+
 std::vector<c10::SymInt> check_unpack(const at::Tensor& w, int64_t bits) {
   check_bits("unpack", bits);
   check_packed("unpack", w);

@@ -85,6 +85,9 @@ QmmShape check_fp_qmm(const char* op, const at::Tensor& x, const at::Tensor& w, 
 
 // q: uint8 (..., count) with count * bits % 32 == 0. Returns the packed sizes (..., count*bits/32).
 std::vector<c10::SymInt> check_pack(const at::Tensor& q, int64_t bits);
+// Data-dependent part of the pack rules (real tensors only, not Meta): every value < 2**bits. One
+// reduction over q, shared by the CPU and MPS ops.
+void check_pack_values(const at::Tensor& q, int64_t bits);
 // w: uint32 (..., words). Returns the unpacked sizes (..., words*32/bits).
 std::vector<c10::SymInt> check_unpack(const at::Tensor& w, int64_t bits);
 

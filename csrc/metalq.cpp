@@ -80,6 +80,15 @@ PYBIND11_MODULE(_C, m) {
     metalq::check_affine_dequantize(wq, scales, biases, group_size, bits);
     return plan_to_python(metalq::plan_affine_dequantize(wq, scales, biases, out, group_size, bits));
   });
+  m.def("bits_kernel_name", &metalq::bits_kernel_name, "Host name of a type-independent Metal kernel (pack, unpack).");
+  m.def("plan_pack", [](const at::Tensor& q, const at::Tensor& w, int64_t bits) {
+    metalq::check_pack(q, bits);
+    return plan_to_python(metalq::plan_pack(q, w, bits));
+  });
+  m.def("plan_unpack", [](const at::Tensor& w, const at::Tensor& q, int64_t bits) {
+    metalq::check_unpack(w, bits);
+    return plan_to_python(metalq::plan_unpack(w, q, bits));
+  });
   m.def("fp_kernel_name", &metalq::fp_kernel_name, "Host name of an fp-mode Metal kernel (mode: FpMode number).");
   m.def("plan_fp_quantize", [](const at::Tensor& w, const at::Tensor& wq, const at::Tensor& scales,
                                const std::string& mode_name, const std::optional<at::Tensor>& global_scale) {

@@ -185,6 +185,10 @@ std::string kernel_name(const std::string& kernel, at::ScalarType type, int64_t 
          std::to_string(bits);
 }
 
+std::string bits_kernel_name(const std::string& kernel, int64_t bits) {
+  return kernel + "_b_" + std::to_string(bits);
+}
+
 WeightFormat WeightFormat::affine(int64_t group_size, int64_t bits) { return {group_size, bits, std::nullopt, false}; }
 
 WeightFormat WeightFormat::fp(int mode, bool has_global) {
@@ -219,6 +223,17 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
                                     const at::Tensor& out, int64_t group_size, int64_t bits) {
   return elementwise(kernel_name("dequantize", scales.scalar_type(), group_size, bits),
                      uint64_t(wq.numel() * 4 / pack_unit_bytes(int(bits))), {{0, wq}, {1, scales}, {2, biases}, {3, out}});
+}
+
+// Buffers: the input 0, the output 1, the params 2; work items: packing units (pack_unit_bytes).
+DispatchPlan plan_pack(const at::Tensor& q, const at::Tensor& w, int64_t bits) {
+  return elementwise(bits_kernel_name("pack", bits), uint64_t(w.numel() * 4 / pack_unit_bytes(int(bits))),
+                     {{0, q}, {1, w}});
+}
+
+DispatchPlan plan_unpack(const at::Tensor& w, const at::Tensor& q, int64_t bits) {
+  return elementwise(bits_kernel_name("unpack", bits), uint64_t(w.numel() * 4 / pack_unit_bytes(int(bits))),
+                     {{0, w}, {1, q}});
 }
 
 namespace {

@@ -52,6 +52,9 @@ DispatchPlan fit_thread_limit(DispatchPlan plan, uint64_t max_threads);
 // (float, half, bfloat); metal/quantized.metal instantiates exactly these names.
 std::string kernel_name(const std::string& kernel, at::ScalarType type, int64_t group_size, int64_t bits);
 
+// "<kernel>_b_<bits>" for the type-independent pack / unpack kernels.
+std::string bits_kernel_name(const std::string& kernel, int64_t bits);
+
 // MLX's floating-point modes (metal/fp_format.h FpMode): "fp_<kernel>_<mode>_<type>", plus "_global"
 // for nvfp4 with a global scale; metal/quantized.metal instantiates exactly these names.
 std::string fp_kernel_name(const std::string& kernel, int mode, at::ScalarType type, bool has_global);
@@ -74,6 +77,10 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, const at::Tensor& wq, con
                                   const at::Tensor& biases, int64_t group_size, int64_t bits);
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
                                     const at::Tensor& out, int64_t group_size, int64_t bits);
+// q uint8 (..., K) into w uint32 (..., K*bits/32) and back, after check_pack / check_unpack (and for
+// pack check_pack_values), with contiguous inputs and outputs: one thread per packing unit.
+DispatchPlan plan_pack(const at::Tensor& q, const at::Tensor& w, int64_t bits);
+DispatchPlan plan_unpack(const at::Tensor& w, const at::Tensor& q, int64_t bits);
 
 // The operands of a quantized matmul as every backend addresses them: x [..., M, K] and w, scales,
 // biases [..., rows, cols] contiguous, each with its own batch shape (an input broadcast by stride 0

@@ -51,6 +51,19 @@ METAL_FUNC void store_unit(device uint8_t* packed, ulong unit) {
   }
 }
 
+// Code i of a unit, and a unit with `code` (< 2^bits) put at position i, whose bits there are zero:
+// the LSB-first bitstream of every kernel that packs (affine_quantize, pack) or unpacks
+// (affine_dequantize, unpack) whole units.
+template <int bits>
+METAL_FUNC uint unit_code(ulong unit, int i) {
+  return uint(unit >> (bits * i)) & ((1u << bits) - 1);
+}
+
+template <int bits>
+METAL_FUNC ulong put_code(ulong unit, int i, uint code) {
+  return unit | (ulong(code) << (bits * i));
+}
+
 struct GroupParams {
   float scale;
   float bias;
@@ -107,7 +120,7 @@ METAL_FUNC void affine_quantize_impl(const device T* w, device uint8_t* packed, 
     ulong unit = 0;
     for (int i = 0; i < per_unit; ++i) {
       const float q = clamp(rint(precise::divide(values[u * per_unit + i] - p.bias, p.scale)), 0.0f, n_bins);
-      unit |= ulong(q) << (bits * i);
+      unit = put_code<bits>(unit, i, uint(q));
     }
     store_unit<bits>(packed + u * unit_bytes<bits>(), unit);
   }
@@ -119,9 +132,27 @@ METAL_FUNC void affine_quantize_impl(const device T* w, device uint8_t* packed, 
 template <typename T, int bits>
 METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T bias, device T* out) {
   const ulong unit = load_unit<bits>(packed);
-  const uint mask = (1u << bits) - 1;
   for (int i = 0; i < unit_values<bits>(); ++i) {
-    out[i] = dequantize_value(uint(unit >> (bits * i)) & mask, scale, bias);
+    out[i] = dequantize_value(unit_code<bits>(unit, i), scale, bias);
+  }
+}
+
+// One unit of codes (uint8 values < 2^bits, as the op checked) into its packed bytes.
+template <int bits>
+METAL_FUNC void pack_impl(const device uint8_t* q, device uint8_t* packed) {
+  ulong unit = 0;
+  for (int i = 0; i < unit_values<bits>(); ++i) {
+    unit = put_code<bits>(unit, i, q[i]);
+  }
+  store_unit<bits>(packed, unit);
+}
+
+// One unit of packed bytes into its uint8 codes.
+template <int bits>
+METAL_FUNC void unpack_impl(const device uint8_t* packed, device uint8_t* q) {
+  const ulong unit = load_unit<bits>(packed);
+  for (int i = 0; i < unit_values<bits>(); ++i) {
+    q[i] = uint8_t(unit_code<bits>(unit, i));
   }
 }
 
@@ -274,4 +305,36 @@ template <typename T, int group_size, int bits>
   const ulong g = u * per_unit / group_size;
   metalq::affine_dequantize_impl<T, bits>(
       wq + u * metalq::unit_bytes<bits>(), scales[g], biases[g], out + u * per_unit);
+}
+
+// pack / unpack (type-independent: pack_b_<bits>, unpack_b_<bits>): one thread per unit, as
+// affine_dequantize. Rows are contiguous and whole words (the op's checks), so the units of all rows
+// form one flat sequence: thread u reads q[u*V, (u+1)*V) and writes bytes [u*B, (u+1)*B) of w, or the
+// reverse, with B bytes and V values per unit (pack_unit_bytes).
+template <int bits>
+[[kernel]] void pack(
+    const device uint8_t* q [[buffer(0)]],
+    device uint8_t* w [[buffer(1)]],
+    constant metalq::ElementwiseParams& params [[buffer(2)]],
+    uint2 position [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  const ulong u = metalq::work_item(position, grid);
+  if (u >= params.work_items) {
+    return;
+  }
+  metalq::pack_impl<bits>(q + u * metalq::unit_values<bits>(), w + u * metalq::unit_bytes<bits>());
+}
+
+template <int bits>
+[[kernel]] void unpack(
+    const device uint8_t* w [[buffer(0)]],
+    device uint8_t* q [[buffer(1)]],
+    constant metalq::ElementwiseParams& params [[buffer(2)]],
+    uint2 position [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  const ulong u = metalq::work_item(position, grid);
+  if (u >= params.work_items) {
+    return;
+  }
+  metalq::unpack_impl<bits>(w + u * metalq::unit_bytes<bits>(), q + u * metalq::unit_values<bits>());
 }

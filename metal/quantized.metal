@@ -85,6 +85,20 @@ instantiate_kernel("split_k_reduce_float", split_k_reduce, float)
 instantiate_kernel("split_k_reduce_half", split_k_reduce, half)
 instantiate_kernel("split_k_reduce_bfloat", split_k_reduce, bfloat)
 
+// Bits-only kernels (quantized.h pack / unpack): "<kernel>_b_<bits>" (plan.cpp's bits_kernel_name).
+#define instantiate_bits_only(kernel, bits) instantiate_kernel(#kernel "_b_" #bits, kernel, bits)
+#define instantiate_bits_only_all(kernel) \
+  instantiate_bits_only(kernel, 1) \
+  instantiate_bits_only(kernel, 2) \
+  instantiate_bits_only(kernel, 3) \
+  instantiate_bits_only(kernel, 4) \
+  instantiate_bits_only(kernel, 5) \
+  instantiate_bits_only(kernel, 6) \
+  instantiate_bits_only(kernel, 8)
+
+instantiate_bits_only_all(pack)
+instantiate_bits_only_all(unpack)
+
 // Prefill GEMMs (qmm.h): the orientation is the fourth template argument, so they have their own
 // nest: affine_[gather_]qmm_{t,n}_<type>_gs_<gs>_b_<bits>, affine_qmm_{t,n}_splitk_... (split_k_reduce
 // sums the partials) and the sorted-expert affine_gather_qmm_rhs_{t,n}_....

@@ -19,7 +19,7 @@ from metalq.__main__ import main
 TESTS = Path(__file__).resolve().parent
 OPS = ("pack", "unpack", "affine_quantize", "affine_dequantize", "affine_qmm_t", "affine_qmm_n", "affine_gather_qmm",
        "fp_quantize", "fp_dequantize", "fp_qmm_t", "fp_qmm_n")
-PLANNED = set(OPS) - {"pack", "unpack"}  # the ops with a metalq._C.plan_*
+PLANNED = set(OPS)  # every op has a metalq._C.plan_* (pack / unpack: plan_pack, plan_unpack)
 ROW = re.compile(r"^(?P<op>\w+)\s+(?P<device>\w+)\s+(?P<dtype>\w+)\s+(?P<format>\S+)\s+(?P<M>\S+)\s+"
                  r"(?P<status>ok|MISMATCH|ERROR)\s")
 
@@ -226,4 +226,5 @@ def test_emulator_runs_the_mps_plans(capsys, monkeypatch):
     assert all(r["status"] == "ok" for r in emulated)
     assert len(dispatched) >= len(emulated)
     assert any(k.startswith("fp_") for k in dispatched) and any(k.startswith("affine_qmm") for k in dispatched)
+    assert any(k.startswith("pack_b_") for k in dispatched) and any(k.startswith("unpack_b_") for k in dispatched)
     assert str(TESTS / "emulator") in report["environment"]["emulator"]

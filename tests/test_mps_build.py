@@ -284,6 +284,20 @@ def test_mps_batched_empty_and_pack():
 
 
 @mac
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
+def test_mps_pack_and_unpack_are_bit_exact_and_check_values(bits):
+    # The Metal kernels pack_b_<bits> / unpack_b_<bits>, batched with an odd row count, from a view.
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (2, 3, 65), generator=g, dtype=torch.int64).to(torch.uint8)[..., 1:]
+    packed = metalq.pack(codes.to("mps"), bits)
+    assert packed.device.type == "mps" and torch.equal(packed.cpu(), metalq.pack(codes, bits))
+    assert torch.equal(metalq.unpack(packed, bits).cpu(), codes)
+    if bits < 8:
+        with pytest.raises(ValueError, match=rf"\[pack\] q has values >= 2\*\*bits = {2**bits}"):
+            metalq.pack(torch.full((1, 32), 2**bits, dtype=torch.uint8, device="mps"), bits)
+
+
+@mac
 def test_mps_bad_input_raises_the_shared_error():
     q = [t.to("mps") for t in metalq.affine_quantize(torch.randn(64, 128), 64, 4)]
     with pytest.raises(ValueError, match="affine_qmm"):

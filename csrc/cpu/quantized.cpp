@@ -53,8 +53,7 @@ cpu::PackedMatrix packed_matrix(const at::Tensor& w, const at::Tensor& scales, c
 at::Tensor pack_cpu(const at::Tensor& q, int64_t bits) {
   const auto sym_sizes = check_pack(q, bits);
   const auto sizes = C10_AS_INTARRAYREF_SLOW(sym_sizes);
-  TORCH_CHECK_VALUE(q.numel() == 0 || q.max().item<uint8_t>() < (1 << bits), "[pack] q has values >= 2**bits = ",
-                    1 << bits, ".");
+  check_pack_values(q, bits);
   auto qc = q.contiguous();
   auto out = at::empty(sizes, q.options().dtype(at::kUInt32));
   const int64_t count = q.size(-1), rows = count ? qc.numel() / count : 0;

@@ -1,7 +1,6 @@
 // MPS implementations of the metalq ops: check (csrc/checks.h), make inputs contiguous, allocate,
 // return early when empty, plan (csrc/plan.h), encode (library.h). No kernel choice happens here.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -126,20 +125,25 @@ at::Tensor fp_qmm_n_mps(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return fp_qmm_mps("fp_qmm_n", x, w, scales, mode, global_scale, false);
 }
 
-// pack/unpack are bit shuffles for checkpoint I/O, not the hot path: the CPU op, copied back.
-template <class Signature>
-c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
+// pack / unpack: the CPU op's checks (values too: one reduction over q, so an out-of-range code is the
+// same ValueError on both devices), then one thread per packing unit.
 at::Tensor pack_mps(const at::Tensor& q, int64_t bits) {
-  static const auto op = cpu_op<at::Tensor(const at::Tensor&, int64_t)>("metalq::pack");
-  return op.call(q.cpu(), bits).to(q.device());
+  const auto sizes = check_pack(q, bits);
+  check_pack_values(q, bits);
+  auto qc = q.contiguous();
+  auto out = at::empty_symint(sizes, q.options().dtype(at::kUInt32));
+  if (out.numel() == 0) return out;
+  mps::encode(plan_pack(qc, out, bits));
+  return out;
 }
 
 at::Tensor unpack_mps(const at::Tensor& w, int64_t bits) {
-  static const auto op = cpu_op<at::Tensor(const at::Tensor&, int64_t)>("metalq::unpack");
-  return op.call(w.cpu(), bits).to(w.device());
+  const auto sizes = check_unpack(w, bits);
+  auto wc = w.contiguous();
+  auto out = at::empty_symint(sizes, w.options().dtype(at::kByte));
+  if (out.numel() == 0) return out;
+  mps::encode(plan_unpack(wc, out, bits));
+  return out;
 }
 
 }  // namespace

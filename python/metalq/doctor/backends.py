@@ -81,8 +81,8 @@ class EmulatorBackend:
     """The MPS dispatch plans (metalq._C.plan_*) run on the Metal emulator, on poisoned CPU outputs."""
 
     name = "emulator"
-    ops = {"affine_quantize", "affine_dequantize", "affine_qmm_t", "affine_qmm_n", "affine_gather_qmm",
-           "fp_quantize", "fp_dequantize", "fp_qmm_t", "fp_qmm_n"}  # the ops with a metalq._C.plan_*
+    ops = {"pack", "unpack", "affine_quantize", "affine_dequantize", "affine_qmm_t", "affine_qmm_n",
+           "affine_gather_qmm", "fp_quantize", "fp_dequantize", "fp_qmm_t", "fp_qmm_n"}  # with a metalq._C.plan_*
 
     def __init__(self, library):
         self.library = library
@@ -90,6 +90,16 @@ class EmulatorBackend:
     def _run(self, plans):
         for plan in plans if isinstance(plans, list) else [plans]:
             self.library.run(plan)
+
+    def pack(self, codes, bits):
+        out = _poisoned(torch.ops.metalq.pack(_meta(codes), bits))
+        self._run(metalq._C.plan_pack(codes.contiguous(), out, bits))
+        return out
+
+    def unpack(self, wq, bits):
+        out = _poisoned(torch.ops.metalq.unpack(_meta(wq), bits))
+        self._run(metalq._C.plan_unpack(wq.contiguous(), out, bits))
+        return out
 
     def affine_quantize(self, w, group_size, bits):
         outs = [_poisoned(t) for t in torch.ops.metalq.affine_quantize(_meta(w), group_size, bits)]
