@@ -21,6 +21,7 @@ from .ops import (
     pack,
     unpack,
 )
+from .reference import reference_enabled, reference_ops
 from .checkpoint import convert_checkpoint, load_quantized, save_quantized
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
@@ -40,6 +41,8 @@ __all__ = [
     "fp_qmm_n",
     "pack",
     "unpack",
+    "reference_ops",
+    "reference_enabled",
     "MetalConfig",
     "MetalLinear",
     "MetalEmbedding",

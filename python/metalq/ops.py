@@ -9,6 +9,10 @@ The floating-point modes ``"mxfp4"``, ``"nvfp4"`` and ``"mxfp8"`` (the ``fp_*`` 
 or E4M3 (8-bit) floats instead, packed the same way, and one ``uint8`` scale per group and no biases:
 E8M0 (a power of two) per 32 values for the mx modes, E4M3 per 16 values for nvfp4, which may also
 take a float32 ``global_scale`` (values are multiplied by ``global_scale / (448 * 6)``).
+
+While the reference switch is on (``METALQ_REFERENCE=1``, or ``with metalq.reference_ops():``), every
+wrapper here runs :mod:`metalq.reference` (the same op in plain PyTorch, on any device) instead of
+``torch.ops.metalq``.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ def affine_quantize(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, bits:
     Example:
         >>> wq, s, b = metalq.affine_quantize(torch.randn(256, 512), group_size=64, bits=4)
     """
+    if _reference._enabled:
+        return _reference.affine_quantize(w, group_size, bits)
     return _ops.affine_quantize(w, group_size, bits)
 
 
@@ -55,6 +61,8 @@ def affine_dequantize(
     Returns:
         ``(..., rows, K)`` in ``scales.dtype``.
     """
+    if _reference._enabled:
+        return _reference.affine_dequantize(wq, scales, biases, group_size, bits)
     return _ops.affine_dequantize(wq, scales, biases, group_size, bits)
 
 
@@ -81,6 +89,8 @@ def affine_qmm_t(
         Equivalent to ``x @ affine_dequantize(w, scales, biases, group_size, bits).mT``, accumulated in
         float32. (MLX multiplies a 2-D ``x`` by the first matrix of a batch only; metalq broadcasts.)
     """
+    if _reference._enabled:
+        return _reference.affine_qmm_t(x, w, scales, biases, group_size, bits)
     return _ops.affine_qmm_t(x, w, scales, biases, group_size, bits)
 
 
@@ -103,6 +113,8 @@ def affine_qmm_n(
         ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
         :func:`affine_qmm_t`.
     """
+    if _reference._enabled:
+        return _reference.affine_qmm_n(x, w, scales, biases, group_size, bits)
     return _ops.affine_qmm_n(x, w, scales, biases, group_size, bits)
 
 
@@ -143,6 +155,9 @@ def affine_gather_qmm(
     Example (top-k routing: ``x`` ``(tokens, 1, 1, K)``, ``experts`` ``(tokens, k)``):
         >>> y = metalq.affine_gather_qmm(x, w, s, b, rhs_indices=experts)  # (tokens, k, 1, N)
     """
+    if _reference._enabled:
+        return _reference.affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose=transpose,
+                                            group_size=group_size, bits=bits, sorted_indices=sorted_indices)
     return _ops.affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits,
                                   sorted_indices)
 
@@ -164,6 +179,8 @@ def fp_quantize(w: torch.Tensor, mode: str, global_scale: Optional[torch.Tensor]
     Example:
         >>> wq, scales = metalq.fp_quantize(torch.randn(256, 512), "mxfp4")
     """
+    if _reference._enabled:
+        return _reference.fp_quantize(w, mode, global_scale)
     return _ops.fp_quantize(w, mode, global_scale)
 
 
@@ -185,6 +202,8 @@ def fp_dequantize(
     Returns:
         ``(..., rows, K)``.
     """
+    if _reference._enabled:
+        return _reference.fp_dequantize(wq, scales, mode, global_scale, dtype)
     return _ops.fp_dequantize(wq, scales, mode, global_scale, dtype)
 
 
@@ -207,6 +226,8 @@ def fp_qmm_t(
         ``(..., N)`` in ``x.dtype``, accumulated in float32. A 2-D ``w`` serves every leading dimension of
         ``x``; a batch of weights broadcasts as in :func:`affine_qmm_t`.
     """
+    if _reference._enabled:
+        return _reference.fp_qmm_t(x, w, scales, mode, global_scale)
     return _ops.fp_qmm_t(x, w, scales, mode, global_scale)
 
 
@@ -224,16 +245,22 @@ def fp_qmm_n(
         ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
         :func:`affine_qmm_t`.
     """
+    if _reference._enabled:
+        return _reference.fp_qmm_n(x, w, scales, mode, global_scale)
     return _ops.fp_qmm_n(x, w, scales, mode, global_scale)
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 values ``q`` (``(..., count)``, each ``< 2**bits``) into uint32 ``(..., count*bits/32)``, LSB-first."""
+    if _reference._enabled:
+        return _reference.pack(q, bits)
     return _ops.pack(q, bits)
 
 
 def unpack(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: uint32 ``(..., words)`` to uint8 ``(..., words*32/bits)``."""
+    if _reference._enabled:
+        return _reference.unpack(w, bits)
     return _ops.unpack(w, bits)
 
 
@@ -280,7 +307,16 @@ def _setup_gather_qmm_context(ctx, inputs, output):
     ctx.transpose, ctx.group_size, ctx.bits, ctx.sorted_indices = transpose, group_size, bits, sorted_indices
 
 
-def _gather_qmm_backward(ctx, grad):
+def _gather_qmm_backward_using(gather_qmm):
+    """The backward of a gather product whose transposed product is ``gather_qmm`` (the op's positional
+    signature): the op's own, or the reference path's (metalq.reference)."""
+    def backward(ctx, grad):
+        return _gather_qmm_backward(ctx, grad, gather_qmm)
+
+    return backward
+
+
+def _gather_qmm_backward(ctx, grad, gather_qmm=None):
     # out[i] = x[lhs[i]] @ B[rhs[i]], so dx[j] = sum over i with lhs[i] == j of grad[i] @ B[rhs[i]].T: the
     # gather product of grad against the same experts (transpose flipped), scatter-added back over lhs.
     _reject_weight_grads(ctx)
@@ -292,8 +328,9 @@ def _gather_qmm_backward(ctx, grad):
     batch = grad.shape[:-2]
     if rhs_indices is None:
         rhs_indices = torch.arange(w_batch.numel(), device=grad.device).view(w_batch)
-    per_item = _ops.affine_gather_qmm(grad, w, scales, biases, None, rhs_indices.expand(batch), not ctx.transpose,
-                                      ctx.group_size, ctx.bits, ctx.sorted_indices)
+    gather_qmm = gather_qmm or _ops.affine_gather_qmm
+    per_item = gather_qmm(grad, w, scales, biases, None, rhs_indices.expand(batch), not ctx.transpose,
+                          ctx.group_size, ctx.bits, ctx.sorted_indices)
     if lhs_indices is None:
         lhs_indices = torch.arange(x_batch.numel(), device=grad.device).view(x_batch)
     grad_x = torch.zeros((x_batch.numel(), m_rows, k_dim), dtype=grad.dtype, device=grad.device)
@@ -341,3 +378,9 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "metalq::fp_qmm_n", _fp_qmm_backward(_ops.fp_qmm_t), setup_context=_setup_fp_qmm_context
 )
+
+
+# The reference path (metalq.reference): while its switch is on (METALQ_REFERENCE=1 or
+# metalq.reference_ops()), every wrapper above runs it instead of torch.ops.metalq. Imported last: it
+# builds its autograd from the helpers above.
+from . import reference as _reference  # noqa: E402
