@@ -5,8 +5,8 @@ matter (metalq, torch and the torch metalq was built against, the CPU kernel ISA
 platform, on macOS the GPU and the kind of Metal library), then runs each op over a small grid of
 formats and dtypes on ``cpu`` and, when available, ``mps``, one table row per case:
 
-* against a float64 reference computed with plain torch from the packed words (the unpacking and
-  the value codes decoded here, independently of metalq's kernels); matmuls within a dtype-scaled
+* against a float64 reference computed with plain torch from the packed words (unpacked by
+  metalq.reference, the value codes decoded here: independent of metalq's kernels); matmuls within a dtype-scaled
   tolerance of ``|x| @ |W|``, dequantize within two roundings to the dtype, and quantize by its
   round trip: ``dequantize(quantize(w))`` within the scale step of ``w``;
 * on a device other than the CPU also against the CPU op: bit-exact for pack, unpack, quantize and

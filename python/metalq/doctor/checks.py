@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
+from .. import reference
 from ..config import MODE_DEFAULTS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -119,30 +120,13 @@ def cases(grid: Grid) -> list[Case]:
 
 # ---- float64 references in plain torch ---------------------------------------------------------------
 
-def unpack_codes(wq: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint32 words (..., W) -> int64 codes (..., W * 32 / bits), LSB-first, codes straddling words."""
-    words = wq.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    count = wq.shape[-1] * 32 // bits
-    offset = torch.arange(count) * bits
-    index = offset // 32
-    pair = words[..., index] | (words[..., (index + 1).clamp(max=wq.shape[-1] - 1)] << 32)
-    return (pair >> (offset % 32)) & ((1 << bits) - 1)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of unpack_codes: integer codes (..., count) -> uint32 words (..., count * bits / 32)."""
-    bit = (codes.to(torch.int64).unsqueeze(-1) >> torch.arange(bits)) & 1
-    bit = bit.reshape(*codes.shape[:-1], -1, 32)
-    return (bit << torch.arange(32)).sum(-1).to(torch.uint32)
-
-
 def repeat_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.double().repeat_interleave(group_size, -1)
 
 
 def affine_reference(wq, scales, biases, group_size, bits):
     """(W, |scale| * q + |bias|) in float64: the exact weight, and the magnitude of its terms."""
-    q = unpack_codes(wq, bits).double()
+    q = reference.unpack(wq, bits).double()
     s, b = repeat_groups(scales, group_size), repeat_groups(biases, group_size)
     return s * q + b, s.abs() * q + b.abs()
 
@@ -169,7 +153,7 @@ def fp_reference(wq, scales, fmt: Format, global_scale):
     scale = repeat_groups(decode_scale(scales, fmt.mode), fmt.group_size)
     if global_scale is not None:
         scale = scale * (global_scale.double() / NVFP4_GLOBAL_RANGE)
-    return decode_value(unpack_codes(wq, fmt.bits), fmt.mode) * scale, scale
+    return decode_value(reference.unpack(wq, fmt.bits).to(torch.int64), fmt.mode) * scale, scale
 
 
 # ---- operands --------------------------------------------------------------------------------------
@@ -202,7 +186,7 @@ def fp_packed(shape, fmt: Format, g):
         scales = torch.empty(groups).uniform_(0.02, 4.0, generator=g).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
         scales = torch.randint(120, 131, groups, generator=g, dtype=torch.uint8)
-    wq = pack_codes(codes, fmt.bits)
+    wq = reference.pack(codes.to(torch.uint8), fmt.bits)
     global_scale = torch.tensor(0.37) if fmt.global_scale else None
     return wq, scales, global_scale
 
@@ -251,7 +235,7 @@ def check_pack(case: Case, backend, cpu: TorchBackend) -> Result:
     g, check = torch.Generator().manual_seed(case.seed), Result()
     codes = torch.randint(0, 2**case.fmt.bits, (case.N, case.K), generator=g, dtype=torch.uint8)
     got = backend.pack(codes, case.fmt.bits)
-    check.exact("words vs plain torch", got, pack_codes(codes, case.fmt.bits), "the float64 reference")
+    check.exact("words vs plain torch", got, reference.pack(codes, case.fmt.bits), "plain torch")
     if backend is not cpu:
         check.exact("words", got, cpu.pack(codes, case.fmt.bits))
     return check
@@ -262,7 +246,7 @@ def check_unpack(case: Case, backend, cpu: TorchBackend) -> Result:
     words = torch.randint(0, 2**32, (case.N, case.K * case.fmt.bits // 32), generator=g, dtype=torch.int64)
     wq = words.to(torch.uint32)
     got = backend.unpack(wq, case.fmt.bits)
-    check.exact("codes vs plain torch", got, unpack_codes(wq, case.fmt.bits).to(torch.uint8), "plain torch")
+    check.exact("codes vs plain torch", got, reference.unpack(wq, case.fmt.bits), "plain torch")
     if backend is not cpu:
         check.exact("codes", got, cpu.unpack(wq, case.fmt.bits))
     return check
