@@ -63,6 +63,17 @@ def test_convert_float_to_metal(hf_dir, tmp_path):
     assert_same_state(reference, model)
 
 
+@pytest.mark.parametrize("option,head_quantized", [([], False), (["--no-skip"], True)], ids=["default", "no-skip"])
+def test_convert_to_metal_keeps_the_head_float_by_default(hf_dir, tmp_path, option, head_quantized):
+    """As transformers' MetalConfig: modules_to_not_convert unset keeps lm_head float; --no-skip quantizes it."""
+    assert main(["convert", str(hf_dir), str(tmp_path / "out"), "--group-size", "32", "--no-progress", *option]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["modules_to_not_convert"] == ([] if head_quantized else ["lm_head"])
+    model = load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out")
+    assert isinstance(model.lm_head, MetalLinear) == head_quantized
+    assert sum(isinstance(m, MetalLinear) for m in model.modules()) == 2 * 7 + head_quantized
+
+
 def test_convert_float_to_mlx_with_embeddings_is_mlx_lm_convert(hf_dir, tmp_path):
     """Quantizing to the mlx-lm layout gives mlx_lm.convert's files, tensor for tensor."""
     require_mlx_lm()
@@ -85,11 +96,13 @@ def test_convert_mlx_to_metal_and_back(hf_dir, tmp_path):
     from mlx.utils import tree_flatten
 
     source = mlx_lm_convert(hf_dir, tmp_path / "mlx", q_group_size=32, q_bits=4)
-    assert main(["convert", str(source), str(tmp_path / "metal"), "--no-progress"]) == 0
+    # mlx-lm quantizes the embedding, which transformers' Metal loader cannot read
+    with pytest.warns(UserWarning, match=r"cannot read this Metal checkpoint: .*model\.embed_tokens"):
+        assert main(["convert", str(source), str(tmp_path / "metal"), "--no-progress"]) == 0
     metal = json.loads((tmp_path / "metal" / "config.json").read_text())
     assert "quantization" not in metal
     assert metal["quantization_config"] == {"quant_method": "metal", "bits": 4, "group_size": 32,
-                                            "modules_to_not_convert": None}
+                                            "modules_to_not_convert": []}
     direct = load_quantized(meta_llama(source), source)
     converted = load_quantized(meta_llama(tmp_path / "metal"), tmp_path / "metal")
     assert_same_state(direct, converted)
@@ -157,7 +170,13 @@ def test_convert_tied_embeddings(tmp_path, embeddings):
     """A tied lm_head has no tensor of its own: it stays tied to the (float or quantized) table."""
     hf = make_tiny_llama(tmp_path / "hf", tie=True)
     args = ["convert", str(hf), str(tmp_path / "out"), "--group-size", "32", "--no-progress"]
-    assert main(args + (["--embeddings"] if embeddings else [])) == 0
+    if embeddings:  # transformers' Metal loader reads float embeddings only
+        with pytest.warns(UserWarning, match=r"cannot read this Metal checkpoint: .*model\.embed_tokens"):
+            assert main(args + ["--embeddings"]) == 0
+    else:
+        assert main(args) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["modules_to_not_convert"] == ["lm_head"]  # tied: no tensor of its own
     model = load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out")
     embed = model.model.embed_tokens
     if embeddings:

@@ -244,6 +244,25 @@ def test_qmm_matches_mlx_quantized_matmul(op, bits, group_size, m_rows, one_thre
     assert (err <= bound).all(), f"max abs difference from MLX {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("mode", ["affine", "mxfp4"])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_quantized_matmul_takes_mlx_signature(mode, transpose):
+    mx = require_mlx()
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(7)
+    w = (torch.randn(48, 128, generator=gen) / 8).numpy()
+    x = random_x((3, 128 if transpose else 48), torch.float32)
+    packed = mx.quantize(mx.array(w), mode=mode)  # (w, scales, biases) in affine mode, (w, scales) otherwise
+    ref = np.array(mx.quantized_matmul(mx.array(x.numpy()), *packed, transpose=transpose, mode=mode))
+    ours = metalq.quantized_matmul(x, *(torch.from_numpy(np.array(a)) for a in packed), transpose=transpose,
+                                   mode=mode)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-5)
+    if mode == "affine":
+        with pytest.raises(ValueError, match="affine mode needs biases"):
+            metalq.quantized_matmul(x, *(torch.from_numpy(np.array(a)) for a in packed[:2]), transpose=transpose)
+
+
 # ---- batches of weights: broadcasting against x ----------------------------------------------------
 
 # (x shape, w batch): batch dimensions on both sides, size-1 dimensions on either, x without batch.

@@ -19,6 +19,7 @@ from .ops import (
     fp_qmm_t,
     fp_quantize,
     pack,
+    quantized_matmul,
     unpack,
 )
 from .reference import reference_enabled, reference_ops
@@ -39,6 +40,7 @@ __all__ = [
     "fp_dequantize",
     "fp_qmm_t",
     "fp_qmm_n",
+    "quantized_matmul",
     "pack",
     "unpack",
     "reference_ops",

@@ -19,6 +19,8 @@ Convert a checkpoint directory, streaming one tensor at a time:
 The kind of SOURCE is read from its config.json. The output directory is written under a temporary name
 and renamed at the end: an error or Ctrl-C leaves nothing behind. A Metal directory holds one bits/group
 size for every layer: mixed-width mlx-lm checkpoints (mlx_lm.convert --quant-predicate) need --to mlx.
+Metal output that transformers' own loader cannot read (bits 1, 3, 5, 6, a floating-point mode, quantized
+embeddings) is written with a warning: metalq.transformers.from_pretrained loads it.
 
 examples:
   python -m metalq convert ./Llama-3.2-1B ./Llama-3.2-1B-metal-4bit --bits 4 --group-size 64 --skip lm_head
@@ -47,9 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--mode", choices=SUPPORTED_MODES, default=None,
                          help="MLX quantization mode for a float source (default affine; mxfp4, nvfp4 and mxfp8 "
                               "fix bits and group size)")
-    convert.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                         help="keep matching modules in float: a full name, a prefix ending at a module boundary "
-                              "or a suffix such as lm_head (repeatable)")
+    skips = convert.add_mutually_exclusive_group()
+    skips.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                       help="keep matching modules in float: a full name, a prefix ending at a module boundary "
+                            "or a suffix such as lm_head (repeatable; exactly these). Default: the output head for "
+                            "--to metal, as transformers' MetalConfig; nothing for --to mlx, as mlx_lm.convert")
+    skips.add_argument("--no-skip", action="store_const", const=[], dest="skip",
+                       help="keep nothing in float: quantize the output head too (an empty --skip list)")
     convert.add_argument("--embeddings", action="store_true",
                          help="also quantize nn.Embedding tables (as mlx-lm does)")
     convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE",

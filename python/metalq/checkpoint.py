@@ -3,8 +3,10 @@
 One format, two spellings (style guide rule 17). The packed tensors are MLX's exactly; a module is
 quantized when ``{path}.scales`` is among the tensors.
 
-- ``"metal"``: ``{path}.weight`` uint32, ``{path}.scales``, ``{path}.qbiases``; ``config.json`` carries
-  ``quantization_config`` as :meth:`MetalConfig.to_dict` writes it (one bits/group_size for every layer).
+- ``"metal"``: ``{path}.weight`` uint32 (``{path}.qweight`` in transformers' main branch; read either way,
+  written as the installed transformers spells it), ``{path}.scales``, ``{path}.qbiases``; ``config.json``
+  carries ``quantization_config`` as :meth:`MetalConfig.to_dict` writes it (one bits/group_size for every layer,
+  ``modules_to_not_convert`` listing every float ``nn.Linear``, so transformers skips exactly those).
 - In MLX's floating-point modes (``mode`` ``"mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) ``scales`` is uint8 and there
   are no offsets; ``mode`` is recorded in the config (absent means ``"affine"``).
 - ``"mlx"``: the offsets are named ``{path}.biases``; ``config.json`` carries mlx-lm's ``quantization`` block
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QUANT_METHOD, MetalConfig, check_format, resolve_format
+from .config import QUANT_METHOD, TRANSFORMERS_METAL_BITS, MetalConfig, check_format, resolve_format
 from .linear import MetalLinear
 from .moe import MetalExperts, MetalSwitchLinear, expert_projections
 from .ops import affine_dequantize, affine_quantize, fp_dequantize, fp_quantize
@@ -82,10 +84,16 @@ def save_quantized(
             layers that ``config`` selects; those are quantized one at a time as they are written.
         directory: the output directory; it must not exist unless ``overwrite=True``. It appears only
             once complete: a failure or Ctrl-C leaves no partial directory behind.
-        config: quantize the float ``nn.Linear`` layers it selects (``modules_to_not_convert`` honoured;
-            layers whose ``in_features`` does not fit ``group_size`` stay float). ``None``: save as is.
+        config: quantize the float ``nn.Linear`` layers it selects (layers whose ``in_features`` does not fit
+            ``group_size`` stay float). Its ``modules_to_not_convert`` given as a list keeps exactly those
+            float; left ``None`` it follows the layout's own tool: in ``"metal"`` transformers' default (the
+            output head and tied weights stay float, see :func:`transformers_default_skips`), in ``"mlx"``
+            mlx-lm's (everything is quantized, the head included). ``None``: save as is.
         format: ``"metal"`` (transformers' layout: every quantized layer must share bits and group_size)
-            or ``"mlx"`` (mlx-lm's layout, per-layer bits and group sizes allowed).
+            or ``"mlx"`` (mlx-lm's layout, per-layer bits and group sizes allowed). A Metal directory that
+            transformers' own loader cannot read (bits other than 2, 4, 8, a floating-point mode, quantized
+            embeddings or experts) is still written, with a warning: ``metalq.transformers.from_pretrained``
+            loads it.
         model_config: the model's ``config.json`` content (default: ``model.config.to_dict()`` when the model
             has a transformers config, else ``{}``); the quantization entries are added to a copy.
         max_shard_size: bytes (or a string such as ``"2GB"``) per safetensors file; above it the tensors are
@@ -105,7 +113,7 @@ def save_quantized(
     limit = parse_size(max_shard_size)
     if config is not None and not isinstance(config, MetalConfig):
         raise TypeError(f"save_quantized: config must be a MetalConfig or None, got {type(config).__name__}")
-    layers, refs = _model_sources(model, config)
+    layers, refs = _model_sources(model, config, format)
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layer (pass a MetalConfig to quantize it)")
     if format == "mlx":
@@ -114,11 +122,7 @@ def save_quantized(
     if base is None:
         hf_config = getattr(model, "config", None)
         base = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
-    float_linears = [
-        fqn for fqn, module in model.named_modules() if _is_linear(module) and fqn not in layers
-    ]
-    out_config = quantized_model_config(base, layers, format, float_linears, config)
-    entries = _output_entries(refs, layers, format)
+    out_config, entries = _output("save_quantized", model, refs, layers, format, base, config)
     extra_files = [Path(file) for file in extra_files]
     for file in extra_files:
         if not file.is_file():
@@ -140,7 +144,9 @@ def load_quantized(
     """Load a Metal or mlx-lm quantized directory into ``model``, swapping in :class:`MetalLinear` layers.
 
     ``model`` is the float architecture (possibly built on the ``meta`` device), or one already prepared with
-    :func:`metalq.replace_with_metal_linear`. A module is quantized when ``{path}.scales`` is in the checkpoint;
+    :func:`metalq.replace_with_metal_linear`. A module is quantized when ``{path}.scales`` is in the checkpoint
+    (its packed tensor is ``{path}.weight``, or ``{path}.qweight`` in a Metal directory written for transformers'
+    main branch);
     for mlx-lm directories also when its path has an entry in the ``quantization`` block, which gives its
     bits and group size (otherwise they follow from the tensor shapes, as in ``mlx_lm.load``). For a Metal
     directory every ``nn.Linear`` not in ``modules_to_not_convert`` must be quantized, with the config's
@@ -171,6 +177,8 @@ def load_quantized(
     directory = Path(directory)
     scheme = read_quantization(read_config(directory), directory / CONFIG_NAME)
     with Checkpoint(directory) as checkpoint:
+        if scheme.kind == "metal":
+            checkpoint.refs = _from_metal_spelling(checkpoint.refs)
         if scheme.kind == "mlx":
             checkpoint.refs, overrides = from_mlx_expert_names(model, checkpoint.refs, scheme.overrides)
             scheme = dataclasses.replace(scheme, overrides=overrides)
@@ -187,7 +195,7 @@ def convert_checkpoint(
     to: Optional[str] = None,
     bits: Optional[int] = None,
     group_size: Optional[int] = None,
-    skip: Iterable[str] = (),
+    skip: Optional[Iterable[str]] = None,
     embeddings: bool = False,
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
@@ -199,9 +207,15 @@ def convert_checkpoint(
     - a float Hugging Face directory (no quantization entry) is quantized: every ``nn.Linear`` of the
       architecture (built on the ``meta`` device with transformers, so no weights are materialised) whose
       name matches no ``skip`` pattern and whose ``in_features`` fits ``group_size``; with ``embeddings=True``
-      the ``nn.Embedding`` tables too, as mlx-lm does;
+      the ``nn.Embedding`` tables too, as mlx-lm does. ``skip=None`` follows the output layout's own tool:
+      for ``"metal"`` transformers' default (the output head stays float, see
+      :func:`transformers_default_skips`), for ``"mlx"`` mlx-lm's (nothing is skipped); a list (``[]``
+      included) is exactly the patterns kept float;
     - a Metal or mlx-lm quantized directory is rewritten in the other spelling (a rename of the offsets and
       a new quantization entry; the packed tensors are copied unchanged).
+
+    A Metal output that transformers' own loader cannot read is written with a warning, as in
+    :func:`save_quantized`.
 
     Other files of ``source`` (tokenizer, ``generation_config.json``, ...) are copied; weights in other formats
     are not. The output directory appears only once complete.
@@ -224,11 +238,11 @@ def convert_checkpoint(
         kind = checkpoint_kind(config)
     except ValueError as error:
         raise ValueError(f"{source / CONFIG_NAME}: {error}") from None
-    skip = list(skip)
     if to is not None:
         _check_format_name(to)
     limit = parse_size(max_shard_size)
-    if kind is not None and (bits is not None or group_size is not None or skip or embeddings or mode is not None):
+    if kind is not None and (bits is not None or group_size is not None or skip is not None or embeddings
+                             or mode is not None):
         raise ValueError(f"{source} is already quantized ({kind}); bits, group_size, mode, skip and embeddings "
                          f"apply only to float checkpoints")
     if kind is None:
@@ -246,8 +260,9 @@ def convert_checkpoint(
         raise ValueError(f"{source}: convert does not handle mixture-of-experts models; load the model, quantize it "
                          f"with metalq.quantize_ and write it with metalq.save_quantized")
     with Checkpoint(source) as checkpoint:
-        refs = checkpoint.refs
+        refs = _from_metal_spelling(checkpoint.refs) if kind == "metal" else checkpoint.refs
         if kind is None:
+            skip = _kept_float(model, skip, to)
             layers, misfits = {}, []
             for fqn, module in model.named_modules():
                 is_table = embeddings and isinstance(module, nn.Embedding)
@@ -266,14 +281,7 @@ def convert_checkpoint(
                 raise ValueError(f"{source}: no nn.Linear of the model matches a tensor of the checkpoint")
         else:
             layers = _layers_from_scheme(scheme, refs)
-        float_linears = []
-        if model is not None:
-            float_linears = [
-                fqn for fqn, module in model.named_modules()
-                if _is_linear(module) and f"{fqn}.weight" in refs and fqn not in layers
-            ]
-        out_config = quantized_model_config(config, layers, to, float_linears)
-        entries = _output_entries(refs, layers, to)
+        out_config, entries = _output("convert", model, refs, layers, to, config)
         with atomic_directory(destination, overwrite=overwrite) as tmp:
             for file in sorted(source.iterdir()):
                 weights = file.name in (CONFIG_NAME, INDEX_NAME) or file.suffix in _WEIGHT_SUFFIXES
@@ -345,6 +353,122 @@ def _layers_from_scheme(scheme: Scheme, refs: dict[str, TensorRef]) -> dict[str,
     if not layers:
         raise ValueError("the checkpoint declares quantization but holds no '.scales' tensor")
     return layers
+
+
+# ---- what transformers' Metal loader reads --------------------------------------------------------------
+
+def transformers_default_skips(model: nn.Module) -> list[str]:
+    """The ``nn.Linear`` layers of ``model`` that transformers' quantizers keep float when
+    ``modules_to_not_convert`` is None (its ``get_keys_to_not_convert``): the output embeddings
+    (``get_output_embeddings()``), layers whose weight is tied to another module's, and the module whose
+    ``weight`` is the model's last parameter (a bias-free head)."""
+    holders: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        holders.setdefault(id(tensor), []).append(key)
+    names = {key.removesuffix(".weight") for keys in holders.values() if len(keys) > 1 for key in keys}
+    parameters = list(model.named_parameters())
+    if parameters:
+        names.add(parameters[-1][0].removesuffix(".weight"))
+    modules = dict(model.named_modules())
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    names.update(fqn for fqn, module in modules.items() if head is not None and module is head)
+    return sorted(name for name in names if isinstance(modules.get(name), nn.Linear))
+
+
+def _always_float(model: Optional[nn.Module]) -> list[str]:
+    """The model's ``_keep_in_fp32_modules``: transformers keeps them float whatever ``modules_to_not_convert`` says."""
+    return sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+
+def _kept_float(model: nn.Module, modules_to_not_convert: Optional[Iterable[str]], format: str) -> list[str]:
+    """The module patterns a quantizing config keeps float in ``format``, as each layout's own tool does: a list
+    is exactly that list, ``None`` is transformers' default in the Metal layout (:func:`transformers_default_skips`)
+    and mlx-lm's in the mlx layout (nothing: mlx-lm quantizes the head too). The Metal layout also keeps
+    :func:`_always_float` modules, which transformers would not load quantized."""
+    if format == "mlx":
+        return list(modules_to_not_convert or ())
+    chosen = transformers_default_skips(model) if modules_to_not_convert is None else list(modules_to_not_convert)
+    return [*chosen, *_always_float(model)]
+
+
+def _from_metal_spelling(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """A Metal checkpoint's tensors with each packed ``{path}.qweight`` (transformers' main branch) read as
+    ``{path}.weight`` (transformers 5.24 and 5.25, mlx-lm, and metalq's modules)."""
+    out = {}
+    for name, ref in refs.items():
+        path, _, leaf = name.rpartition(".")
+        if leaf != "qweight" or f"{path}.scales" not in refs:
+            out[name] = ref
+            continue
+        twin = refs.get(f"{path}.weight")
+        if twin is not None:
+            raise ValueError(f"tensors {name!r} ({ref.where}) and {path + '.weight'!r} ({twin.where}) are both "
+                             f"present: a Metal checkpoint holds a quantized layer's packed weight under one name")
+        out[f"{path}.weight"] = dataclasses.replace(ref, where=f"{ref.where}, stored as {name!r}")
+    return out
+
+
+def _transformers_cannot_load(model: Optional[nn.Module], layers: dict[str, LayerFormat]) -> list[str]:
+    """Why transformers' own loader (its ``MetalConfig`` and ``MetalLinear``) cannot read a Metal directory holding
+    ``layers`` (one format), or ``[]``. Without ``model`` the kinds of the quantized modules are unknown."""
+    from .quantize import matches_module_name
+
+    bits, _, mode = next(iter(layers.values()))
+    reasons = []
+    if mode != "affine":
+        reasons.append(f"mode={mode!r} (its Metal layout is affine only)")
+    elif bits not in TRANSFORMERS_METAL_BITS:
+        reasons.append(f"bits={bits} (its MetalConfig accepts bits {', '.join(map(str, TRANSFORMERS_METAL_BITS))})")
+    if model is None:
+        return reasons
+    modules = dict(model.named_modules())
+    linear = {path for path in layers if isinstance(modules.get(path), (nn.Linear, MetalLinear))}
+    others = [path for path in layers if path in modules and path not in linear]
+    if others:
+        named = [f"{path} ({type(modules[path]).__name__})" for path in others]
+        reasons.append(f"quantized modules that are not nn.Linear layers: {_listing(named)} (it quantizes nn.Linear "
+                       f"layers only)")
+    # a float Linear sharing a quantized table's weight, or a MetalTiedHead reading the table
+    tables = {id(weight) for weight in (getattr(modules[path], "weight", None) for path in others) if weight is not None}
+    heads = [fqn for fqn, module in modules.items()
+             if fqn not in layers and id(getattr(getattr(module, "embedding", module), "weight", None)) in tables]
+    if heads:
+        reasons.append(f"an output head tied to a quantized embedding: {_listing(heads)}")
+    always_float = _always_float(model)
+    kept = [path for path in sorted(linear) if any(matches_module_name(path, p) for p in always_float)]
+    if kept:
+        reasons.append(f"quantized layers it always keeps float (the model's _keep_in_fp32_modules): {_listing(kept)}")
+    return reasons
+
+
+def _output(
+    caller: str,
+    model: Optional[nn.Module],
+    refs: dict[str, TensorRef],
+    layers: dict[str, LayerFormat],
+    format: str,
+    base: dict[str, Any],
+    config: Optional[MetalConfig] = None,
+) -> tuple[dict[str, Any], list[Entry]]:
+    """The ``config.json`` and tensors of a checkpoint holding ``layers``. A Metal config lists every float
+    ``nn.Linear`` of ``model`` (a tied head too: it has no tensor, but transformers would quantize it unlisted),
+    and a Metal directory that transformers' loader cannot read gets one warning saying why."""
+    float_linears = [] if model is None else [
+        fqn for fqn, module in model.named_modules() if fqn and isinstance(module, nn.Linear) and fqn not in layers
+    ]
+    out_config = quantized_model_config(base, layers, format, float_linears, config)
+    reasons = _transformers_cannot_load(model, layers) if format == "metal" else []
+    if reasons:
+        warnings.warn(f"{caller}: transformers' own loader cannot read this Metal checkpoint: {'; '.join(reasons)}. "
+                      f"metalq.transformers.from_pretrained loads it.", stacklevel=3)
+    return out_config, _output_entries(refs, layers, format)
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    """``names`` joined, the first ``limit`` of them shown."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 # ---- config.json -------------------------------------------------------------------------------------
@@ -468,8 +592,9 @@ def quantized_model_config(
 ) -> dict[str, Any]:
     """``base`` plus the quantization entries for quantized ``layers`` (path -> ``(bits, group_size, mode)``).
 
-    ``"metal"`` requires one format for all layers and writes ``quantization_config = MetalConfig.to_dict()``
-    (the float ``nn.Linear`` layers listed in ``modules_to_not_convert``); ``"mlx"`` writes mlx-lm's
+    ``"metal"`` requires one format for all layers (``config``'s when given) and writes ``quantization_config =
+    MetalConfig.to_dict()`` with ``modules_to_not_convert`` the list of ``float_linears`` (never null, so that
+    transformers skips exactly those and applies no default of its own); ``"mlx"`` writes mlx-lm's
     ``quantization`` block (the most common format, then per-path overrides) and an identical
     ``quantization_config``.
     """
@@ -487,8 +612,7 @@ def quantized_model_config(
                     f"({_describe(chosen)}); use the mlx format (format='mlx', --to mlx)"
                 )
         bits, group_size, mode = chosen
-        skipped = list(dict.fromkeys([*(config.modules_to_not_convert or () if config else ()), *float_linears]))
-        metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=skipped or None, mode=mode)
+        metal = MetalConfig(bits=bits, group_size=group_size, modules_to_not_convert=list(float_linears), mode=mode)
         out["quantization_config"] = metal.to_dict()
         return out
     (bits, group_size, mode), _ = Counter(layers.values()).most_common(1)[0]
@@ -721,23 +845,29 @@ def _output_entries(
     format: str,
 ) -> list[Entry]:
     """The tensors to write: quantized layers in ``format``'s spelling, float weights of ``layers`` that have no
-    ``scales`` yet quantized on the fly (one layer in memory at a time), everything else unchanged."""
+    ``scales`` yet quantized on the fly (one layer in memory at a time), everything else unchanged. ``refs``
+    spell the packed tensors ``weight``."""
+    from .transformers import packed_weight_name
+
     biases = _BIASES[format]
     other = _BIASES["mlx" if format == "metal" else "metal"]
+    packed = "weight" if format == "mlx" else packed_weight_name()
     entries: list[Entry] = []
     for name, ref in refs.items():
         path, _, leaf = name.rpartition(".")
         quantized = f"{path}.scales" in refs
         if path in layers and not quantized and leaf == "weight":
-            entries.extend(_quantize_entries(path, ref, *layers[path], biases))
-        elif quantized and leaf == other:
-            entries.append(Entry(f"{path}.{biases}", ref.dtype, ref.shape, ref.load))
+            entries.extend(_quantize_entries(path, ref, *layers[path], biases, packed))
+        elif quantized and leaf in (other, "weight"):
+            entries.append(Entry(f"{path}.{packed if leaf == 'weight' else biases}", ref.dtype, ref.shape, ref.load))
         else:
             entries.append(Entry(name, ref.dtype, ref.shape, ref.load))
     return entries
 
 
-def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, mode: str, biases: str) -> list[Entry]:
+def _quantize_entries(
+    path: str, ref: TensorRef, bits: int, group_size: int, mode: str, biases: str, packed: str
+) -> list[Entry]:
     if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
         raise ValueError(f"tensor {path}.weight: expected a 2-D float weight to quantize, got {ref.dtype} {ref.shape}")
     rows, columns = ref.shape
@@ -759,19 +889,21 @@ def _quantize_entries(path: str, ref: TensorRef, bits: int, group_size: int, mod
         return produce
 
     groups = (rows, columns // group_size)
-    packed = Entry(f"{path}.weight", torch.uint32, (rows, columns * bits // 32), part("weight"))
+    weight = Entry(f"{path}.{packed}", torch.uint32, (rows, columns * bits // 32), part("weight"))
     if mode != "affine":
-        return [packed, Entry(f"{path}.scales", torch.uint8, groups, part("scales"))]
-    return [packed, Entry(f"{path}.scales", dtype, groups, part("scales")),
+        return [weight, Entry(f"{path}.scales", torch.uint8, groups, part("scales"))]
+    return [weight, Entry(f"{path}.scales", dtype, groups, part("scales")),
             Entry(f"{path}.{biases}", dtype, groups, part(biases))]
 
 
 def _model_sources(
-    model: nn.Module, config: Optional[MetalConfig]
+    model: nn.Module, config: Optional[MetalConfig], format: str
 ) -> tuple[dict[str, LayerFormat], dict[str, TensorRef]]:
-    """The quantized layers (existing, plus float Linears ``config`` selects) and the model's tensors, each
-    tied tensor once."""
+    """The quantized layers (existing, plus float Linears ``config`` selects for ``format``) and the model's
+    tensors, each tied tensor once."""
     from .quantize import matches_module_name
+
+    skip = [] if config is None else _kept_float(model, config.modules_to_not_convert, format)
 
     refs: dict[str, TensorRef] = {}
     seen: set[int] = set()
@@ -788,11 +920,11 @@ def _model_sources(
         if _is_quantized_module(module):
             layers[fqn] = (module.bits, module.group_size, getattr(module, "mode", "affine"))
         elif config is not None and _is_float_experts(module):
-            if not any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
+            if not any(matches_module_name(fqn, p) for p in skip):
                 raise ValueError(f"save_quantized: {fqn} holds float experts; quantizing while writing covers "
                                  f"nn.Linear layers only: quantize the model with metalq.quantize_ first")
         elif config is not None and _is_linear(module) and f"{fqn}.weight" in refs:
-            if any(matches_module_name(fqn, p) for p in config.modules_to_not_convert or ()):
+            if any(matches_module_name(fqn, p) for p in skip):
                 continue
             if module.in_features % config.group_size:
                 misfits.append(fqn)
@@ -1184,9 +1316,8 @@ def _plan_load(model: nn.Module, checkpoint: Checkpoint, scheme: Scheme, strict:
     used |= covered
     unexpected = sorted(set(refs) - used)
     if strict and unexpected:
-        shown = ", ".join(repr(name) for name in unexpected[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise ValueError(f"unexpected tensors in the checkpoint (the model has no place for them): {shown}{more}")
+        raise ValueError(f"unexpected tensors in the checkpoint (the model has no place for them): "
+                         f"{_listing([repr(name) for name in unexpected])}")
     needed = {name: _target_device(old) for _, name, old in groups}
     for layer in layers:
         needed.update(dict.fromkeys(layer.names, _module_device(layer.old)))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)
+TRANSFORMERS_METAL_BITS = (2, 4, 8)  # what transformers' own MetalConfig accepts
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
@@ -57,7 +58,10 @@ class MetalConfig:
         group_size: consecutive input features sharing one scale (and bias): 32, 64 or 128 in affine mode;
             by default the mode's (64 affine, 32 mxfp4 / mxfp8, 16 nvfp4).
         modules_to_not_convert: module names left in float: a full name, a prefix ending at a module
-            boundary (``"model.layers.0"``) or a suffix starting at one (``"lm_head"``).
+            boundary (``"model.layers.0"``) or a suffix starting at one (``"lm_head"``). ``None`` (the default)
+            keeps nothing float in :func:`metalq.quantize_`; when :func:`metalq.save_quantized` quantizes
+            for the Metal layout it means transformers' default (the output head stays float), for the mlx
+            layout mlx-lm's (nothing). Pass a list, ``[]`` included, to choose exactly.
         dequantize: when loading a Metal checkpoint, dequantize it to float layers instead. A loading
             option, as in transformers: it is not written by :meth:`to_dict`.
         mode: MLX's quantization mode: ``"affine"`` (scale and bias per group), or the floating-point

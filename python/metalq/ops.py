@@ -10,6 +10,9 @@ or E4M3 (8-bit) floats instead, packed the same way, and one ``uint8`` scale per
 E8M0 (a power of two) per 32 values for the mx modes, E4M3 per 16 values for nvfp4, which may also
 take a float32 ``global_scale`` (values are multiplied by ``global_scale / (448 * 6)``).
 
+Inside ``torch.autocast`` the products (``*_qmm_*``, ``affine_gather_qmm``) run in autocast's dtype, like
+``F.linear``: ``x`` and the affine scales and biases are cast to it first.
+
 While the reference switch is on (``METALQ_REFERENCE=1``, or ``with metalq.reference_ops():``), every
 wrapper here runs :mod:`metalq.reference` (the same op in plain PyTorch, on any device) instead of
 ``torch.ops.metalq``.
@@ -23,6 +26,20 @@ import torch
 from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 
 _ops = torch.ops.metalq
+
+
+# Devices on which torch.autocast exists (is_autocast_enabled raises for others, such as "meta").
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _autocast(x: torch.Tensor, *floats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inside ``torch.autocast`` a quantized product runs in autocast's dtype, as ``F.linear`` does: ``x``
+    (and the affine scales and biases, which are in ``x.dtype``) are cast to it. Outside, unchanged."""
+    device = x.device.type
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+        return (x, *floats)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in (x, *floats))
 
 
 def affine_quantize(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS):
@@ -89,6 +106,7 @@ def affine_qmm_t(
         Equivalent to ``x @ affine_dequantize(w, scales, biases, group_size, bits).mT``, accumulated in
         float32. (MLX multiplies a 2-D ``x`` by the first matrix of a batch only; metalq broadcasts.)
     """
+    x, scales, biases = _autocast(x, scales, biases)
     if _reference._enabled:
         return _reference.affine_qmm_t(x, w, scales, biases, group_size, bits)
     return _ops.affine_qmm_t(x, w, scales, biases, group_size, bits)
@@ -113,6 +131,7 @@ def affine_qmm_n(
         ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
         :func:`affine_qmm_t`.
     """
+    x, scales, biases = _autocast(x, scales, biases)
     if _reference._enabled:
         return _reference.affine_qmm_n(x, w, scales, biases, group_size, bits)
     return _ops.affine_qmm_n(x, w, scales, biases, group_size, bits)
@@ -155,11 +174,41 @@ def affine_gather_qmm(
     Example (top-k routing: ``x`` ``(tokens, 1, 1, K)``, ``experts`` ``(tokens, k)``):
         >>> y = metalq.affine_gather_qmm(x, w, s, b, rhs_indices=experts)  # (tokens, k, 1, N)
     """
+    x, scales, biases = _autocast(x, scales, biases)
     if _reference._enabled:
         return _reference.affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose=transpose,
                                             group_size=group_size, bits=bits, sorted_indices=sorted_indices)
     return _ops.affine_gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits,
                                   sorted_indices)
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    biases: Optional[torch.Tensor] = None,
+    transpose: bool = True,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+) -> torch.Tensor:
+    """``mlx.core.quantized_matmul``'s signature: ``x @ dequantize(w).T`` (``transpose``) or ``x @ dequantize(w)``.
+
+    The affine mode runs :func:`affine_qmm_t` / :func:`affine_qmm_n` (``biases`` required), the floating-point
+    modes :func:`fp_qmm_t` / :func:`fp_qmm_n` (no ``biases``). ``group_size`` and ``bits`` default to the mode's
+    (64 and 4 in affine mode). Newer transformers' ``MetalLinear`` makes this call on its kernel.
+    """
+    from .config import resolve_format
+
+    bits, group_size = resolve_format("quantized_matmul", bits, group_size, mode)
+    if mode != "affine":
+        if biases is not None:
+            raise ValueError(f"quantized_matmul: mode {mode!r} has no biases; pass biases=None")
+        return fp_qmm_t(x, w, scales, mode) if transpose else fp_qmm_n(x, w, scales, mode)
+    if biases is None:
+        raise ValueError("quantized_matmul: the affine mode needs biases")
+    product = affine_qmm_t if transpose else affine_qmm_n
+    return product(x, w, scales, biases, group_size, bits)
 
 
 def fp_quantize(w: torch.Tensor, mode: str, global_scale: Optional[torch.Tensor] = None):
@@ -226,6 +275,7 @@ def fp_qmm_t(
         ``(..., N)`` in ``x.dtype``, accumulated in float32. A 2-D ``w`` serves every leading dimension of
         ``x``; a batch of weights broadcasts as in :func:`affine_qmm_t`.
     """
+    (x,) = _autocast(x)
     if _reference._enabled:
         return _reference.fp_qmm_t(x, w, scales, mode, global_scale)
     return _ops.fp_qmm_t(x, w, scales, mode, global_scale)
@@ -245,6 +295,7 @@ def fp_qmm_n(
         ``(..., N)`` in ``x.dtype``, accumulated in float32; batches of weights broadcast as in
         :func:`affine_qmm_t`.
     """
+    (x,) = _autocast(x)
     if _reference._enabled:
         return _reference.fp_qmm_n(x, w, scales, mode, global_scale)
     return _ops.fp_qmm_n(x, w, scales, mode, global_scale)

@@ -8,6 +8,9 @@ Two entry points:
 * :func:`from_pretrained` builds a transformers model from a quantized directory (transformers' Metal
   layout or an ``mlx_lm.convert`` output) with metalq's modules: ``MetalLinear``, ``MetalEmbedding`` for
   quantized embeddings, ``MetalTiedHead`` for output heads tied to them. Any bits (1-8) and per-layer formats.
+
+transformers' releases (5.24, 5.25) name a Metal layer's packed tensor ``weight``; its main branch names it
+``qweight``. metalq reads both, and writes the one :func:`packed_weight_name` finds in the installed version.
 """
 from __future__ import annotations
 
@@ -30,12 +33,14 @@ def use_metalq_kernel(quantizer: bool = True) -> None:
     """Make transformers' Metal quantization run on metalq's kernels. Call once, before loading models.
 
     * Sets ``transformers.integrations.metal_quantization._metal_kernel`` to :mod:`metalq.ops`, whose
-      ``affine_qmm_t(x, w, scales, biases, group_size, bits)`` is the call transformers' ``MetalLinear``
-      makes, so ``_get_metal_kernel()`` never fetches the Hub kernel.
+      ``affine_qmm_t(x, w, scales, biases, group_size, bits)`` and ``quantized_matmul(x, w, scales, biases,
+      transpose=True, group_size=, bits=)`` are the calls transformers' ``MetalLinear`` makes (the first in
+      releases up to 5.25, the second in newer code), so ``_get_metal_kernel()`` never fetches the Hub kernel.
     * With ``quantizer=True`` (default), registers a subclass of transformers' ``MetalHfQuantizer`` for
       ``quant_method="metal"`` that does not require MPS or the ``kernels`` package: pre-quantized
       checkpoints load quantized on CPU (instead of being dequantized), and ``device_map`` defaults to
-      ``"mps"`` when available, else ``"cpu"``. Quantizing float checkpoints on the fly still uses
+      ``"mps"`` when available, else ``"cpu"``. It reports ``is_trainable``, so transformers' ``Trainer``
+      accepts the model with adapters attached. Quantizing float checkpoints on the fly still uses
       transformers' own quantizer code (and its ``MetalConfig``, which accepts bits 2, 4 and 8 only).
 
     Idempotent. Only transformers' Metal path changes; other quantization methods are untouched.
@@ -47,6 +52,8 @@ def use_metalq_kernel(quantizer: bool = True) -> None:
     """
     from transformers.integrations import metal_quantization
 
+    # transformers' MetalLinear calls its kernel's affine_qmm_t(x, w, scales, qbiases, group_size, bits) or, in
+    # newer versions, quantized_matmul(x, w, scales, qbiases, transpose=True, group_size=, bits=): ops has both
     metal_quantization._metal_kernel = ops
     if quantizer:
         from transformers.quantizers import auto
@@ -80,8 +87,26 @@ def _metalq_quantizer_class():
                 device_map = {"": "mps" if torch.backends.mps.is_available() else "cpu"}
             return device_map
 
+        @property
+        def is_trainable(self) -> bool:
+            # metalq's kernels have gradients for the activations: adapters (LoRA) train on the frozen base
+            return True
+
     _QUANTIZER_CLASS = MetalqHfQuantizer
     return MetalqHfQuantizer
+
+
+def packed_weight_name() -> str:
+    """The name the installed transformers gives a Metal layer's packed uint32 tensor: ``"qweight"`` when its
+    ``MetalLinear`` holds one (transformers' main branch), else ``"weight"`` (releases 5.24 and 5.25, and
+    without transformers). :func:`metalq.save_quantized` writes the Metal layout with it."""
+    try:
+        from transformers.integrations.metal_quantization import MetalLinear
+    except ImportError:
+        return "weight"
+    with torch.device("meta"):  # a pre-quantized shell, nothing allocated
+        probe = MetalLinear(in_features=64, out_features=1, bits=4, group_size=64)
+    return "qweight" if "qweight" in probe.state_dict() else "weight"
 
 
 # ---- from_pretrained: metalq modules from a quantized directory -------------------------------------------
@@ -101,8 +126,9 @@ def from_pretrained(
     allocated), then :func:`metalq.checkpoint.load_quantized` swaps in ``MetalLinear`` for every quantized
     Linear, ``MetalEmbedding`` for quantized embeddings and ``MetalTiedHead`` for an output head tied to a
     quantized embedding, following the checkpoint's ``quantization_config`` (transformers' Metal layout,
-    ``qbiases``) or mlx-lm's ``quantization`` block (``biases``, per-layer overrides; a layer is quantized
-    exactly when ``{path}.scales`` is present). Non-persistent buffers (rotary frequencies) are computed.
+    ``qbiases``, the packed tensor spelled ``weight`` or ``qweight``) or mlx-lm's ``quantization`` block
+    (``biases``, per-layer overrides; a layer is quantized exactly when ``{path}.scales`` is present).
+    Non-persistent buffers (rotary frequencies) are computed.
 
     Args:
         path: a local directory with ``config.json`` and ``model.safetensors`` (or shards).
