@@ -10,8 +10,9 @@ Memory, read from the kernel's own counters in this process (Linux ``/proc/self/
 
 - ``model MB``: bytes of the model's parameters and buffers (the frozen base, quantized or not, plus the head
   and embeddings, plus the adapter);
-- ``step peak MB``: how far the resident set rose above its level before a step, during that step (its peak is
-  reset first through ``/proc/self/clear_refs``): activations, gradients, optimizer state, temporaries;
+- ``step peak MB``: how far the resident set rose above its level before a step, during that step
+  (``_memory.peak_growth``; the median of three readings after a warm-up step): activations, gradients,
+  temporaries;
 - ``largest layer MB``: one float weight of the biggest adapted layer. On a quantized base the step peak
   should not depend on it: the base is never dequantized, gradients reach the activations through
   ``affine_qmm_n``.
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import statistics
 
 import torch
 
 import metalq
 import metalq.peft
+from _memory import peak_growth, release_freed_memory
 from _timing import header_lines, measure
 
 MB = 1 << 20
@@ -69,24 +71,6 @@ def model_bytes(model) -> int:
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def step_peak_bytes(step) -> int:
-    """How far the resident set rises during one call of ``step`` above where it stood just before."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = status_kb("VmRSS")
-    step()
-    return (status_kb("VmHWM") - before) * 1024
-
-
 def training_step(model, ids, autocast):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -107,6 +91,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    release_freed_memory()
     for line in header_lines("LoRA training step: float base (PEFT) vs metalq quantized base (metalq.peft)"):
         print(line)
     float_model = build_model(args)
@@ -125,7 +110,14 @@ def main(argv=None):
         model.train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     steps = {name: training_step(model, ids, args.autocast) for name, model in variants.items()}
-    peaks = {name: step_peak_bytes(step) for name, step in steps.items()}  # also the warm-up step
+    for step in steps.values():
+        step()  # warm-up: the optimizer state and one-time buffers exist from now on
+    # three interleaved readings each, the median
+    readings = {name: [] for name in steps}
+    for _ in range(3):
+        for name, step in steps.items():
+            readings[name].append(peak_growth(step)[1])
+    peaks = {name: statistics.median(values) for name, values in readings.items()}
     timings = measure(steps, reps=20, warmup=1, budget_s=args.budget, min_reps=3, slow_s=30.0)
     largest = max(m.in_features * m.out_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)
                   and m is not float_model.lm_head) * 4

@@ -93,9 +93,13 @@ def mlx_qmm(x_mx, q_mx, group_size, bits):
     return y
 
 
+TORCH_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+MLX_GROUP_SIZES = (32, 64, 128)  # MLX's affine group sizes (metalq's 16 is its own)
+
+
 def pytorch_int_baseline(w, wq, scales, biases, dtype, group_size, bits):
-    """(fn(x), its dequantized weight in float32) for PyTorch's own kernel at this bit width, or None."""
-    if bits == 4:
+    """(fn(x), its dequantized weight in float32) for PyTorch's own kernel at this format, or None."""
+    if bits == 4 and group_size in TORCH_INT4_GROUP_SIZES:
         # torch's int4 format dequantizes (q - 8) * scale + zero with [K/gs, N, 2] (scale, zero) pairs.
         q = reference_q(wq, 4)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
@@ -118,6 +122,9 @@ def main(argv=None):
     args = parse_args(argv)
     gs, K, N = args.group_size, args.K, args.N
     use_mlx = start_run(args, "metalq affine_qmm_t (y = x @ dequant(W).T) on CPU", mx)
+    if use_mlx and gs not in MLX_GROUP_SIZES:
+        print(f"# mlx         not compared: MLX has no affine group size {gs}")
+        use_mlx = False
     print(f"# config      K={K} N={N} group_size={gs} bits={args.bits} M={args.M} dtypes={args.dtypes}; "
           f"median of up to {args.reps} calls, {args.budget:g} s budget per op")
     print(f"# columns     ms = median {args.clock} time per call; ratios = metalq ms / other ms (<1: metalq faster);")

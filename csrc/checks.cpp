@@ -222,6 +222,10 @@ void check_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits
   TORCH_CHECK_VALUE(w.dim() >= 2, "[", op, "] w must have at least 2 dimensions (..., rows, K), but it has ", w.dim(), ".");
   TORCH_CHECK_VALUE(w.sym_size(-1) % group_size == 0, "[", op, "] the last dimension of w (K=", w.sym_size(-1),
                     ") must be divisible by group_size=", group_size, "; w has shape ", shape_str(w), ".");
+  // Implied by the rule above for group sizes of 32 and more; group_size=16 needs it for 1, 3 and 5 bits.
+  TORCH_CHECK_VALUE(w.sym_size(-1) * bits % 32 == 0, "[", op, "] the last dimension of w (K=", w.sym_size(-1),
+                    ") times bits=", bits, " must be a multiple of 32, since each row packs into whole uint32 words",
+                    "; w has shape ", shape_str(w), ".");
 }
 
 void check_finite_weights(const at::Tensor& w, const char* op) {

@@ -99,7 +99,7 @@ DispatchPlan plan_qmv(const QmmOperands& ops, const at::Tensor& out, int64_t N, 
   // A short K: a quad of lanes per row of W, for every M (as MLX; each row of x rereads W, which the
   // GPU's cache serves at these sizes).
   const bool quad_k = std::find(std::begin(kQmvQuadK), std::end(kQmvQuadK), K) != std::end(kQmvQuadK);
-  if (quad_k && (format.bits & (format.bits - 1)) == 0 && format.group_size % (K / 4) == 0) {
+  if (quad_k && (format.bits & (format.bits - 1)) == 0) {
     return matmul(matmul_kernel(ops, "qmv_quad_k" + std::to_string(K), format),
                   {uint32_t(M), ceil_div(N, kQmvQuadRows), ops.batch.count}, {32, 1, 1}, ops, out, p);
   }
@@ -380,8 +380,7 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, 
 //                                        they read) until ~512 threadgroups, 8 per core of the largest GPUs.
 //     otherwise                       -> qmm_t / qmm_n (grid ceil(N/32) x ceil(M/32) x batch).
 //   x @ W.T, M < 9:
-//     K in {64, 128}, bits 1/2/4/8, K/4 values in one group (all but nvfp4 at K = 128)
-//                                     -> qmv_quad_k<K>: a quad of lanes per row; a simdgroup per row
+//     K in {64, 128}, bits 1/2/4/8     -> qmv_quad_k<K>: a quad of lanes per row; a simdgroup per row
 //                                        would give each lane 2-4 values (MLX's rule, for every M).
 //     M in [2, 9)                     -> qmv_wide: each weight decoded once for up to kQmvWideVectors (4)
 //                                        rows of x; from M = 2 this beats decoding per row.

@@ -14,7 +14,10 @@
 namespace metalq {
 
 METALQ_CONST int kSupportedBits[] = {1, 2, 3, 4, 5, 6, 8};
-METALQ_CONST int kSupportedGroupSizes[] = {32, 64, 128};
+// 16 is a metalq extension beyond MLX's affine group sizes (32, 64, 128): llama.cpp's k-quants keep a scale
+// per 16 weights. A group of 16 can be less than a packing unit (1 bit) or leave a row short of a whole
+// word (1, 3, 5 bits): the quantizer then needs K * bits % 32 == 0 as well (csrc/checks.cpp).
+METALQ_CONST int kSupportedGroupSizes[] = {16, 32, 64, 128};
 METALQ_CONST int kDefaultBits = 4;
 METALQ_CONST int kDefaultGroupSize = 64;
 

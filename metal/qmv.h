@@ -44,25 +44,52 @@ METAL_FUNC void decode_values(const device uint8_t* p, thread float* q) {
   }
 }
 
+// How a lane's `values` consecutive values of a row (qmv, qmv_fast, qmv_quad) meet the groups: they lie
+// in one group, which lane_group_lanes lanes share, or they span lane_groups whole groups of their own
+// (values > group_size: 1 bit at group size 16 in qmv / qmv_fast, group size 16 at K = 128 in qmv_quad).
+constexpr int lane_groups(int group_size, int values) { return values > group_size ? values / group_size : 1; }
+constexpr int lane_group_lanes(int group_size, int values) {
+  return group_size / (values / lane_groups(group_size, values));
+}
+
+// sum over the lane's groups j of s[j] * (x . q over group j) + b[j] * x_sum[j]: the lane's share of a
+// row's dot product, with q its `values` weights decoded from p and xv its x values.
+template <typename F, int values>
+METAL_FUNC float lane_dot(const device uint8_t* p, const thread float* xv, const thread float* x_sum,
+                          const thread float* s, const thread float* b) {
+  constexpr int count = lane_groups(F::group_size, values), run = values / count;
+  float q[values];
+  decode_values<F, values>(p, q);
+  float total = 0;
+  for (int j = 0; j < count; ++j) {
+    float dot = 0;
+    for (int i = j * run; i < (j + 1) * run; ++i) {
+      dot += xv[i] * q[i];
+    }
+    total += s[j] * dot + b[j] * x_sum[j];
+  }
+  return total;
+}
+
 // ---- implementations ----------------------------------------------------------------------------
 
 // y[m, first_row .. first_row + kQmvRows). The simdgroups split K: simdgroup s takes the K steps
 // s, s + kQmvSimdgroups, ..., so each x value is read by one lane of the threadgroup. A lane holds
-// `values` consecutive x values of its step in registers (and their sum) and dots them with the same
-// span of every row. Lanes of one group share its scale and bias: one lane per group loads them,
-// simd_shuffle hands them out, so every scale is read once. The simdgroups' partial sums meet in
-// threadgroup memory: the others leave theirs in `partials`, simdgroup 0 adds them and its lane r
-// writes row r. `guarded` skips rows >= N and lanes past K (qmv); qmv_fast needs N % kQmvRows == 0
-// and K % (32 * values) == 0.
+// `values` consecutive x values of its step in registers (and their sum per group) and dots them with
+// the same span of every row. Lanes of one group share its scale and bias: one lane per group loads
+// them, simd_shuffle hands them out, so every scale is read once (a lane spanning whole groups loads
+// its own). The simdgroups' partial sums meet in threadgroup memory: the others leave theirs in
+// `partials`, simdgroup 0 adds them and its lane r writes row r. `guarded` skips rows >= N and lanes
+// past K (qmv); qmv_fast needs N % kQmvRows == 0 and K % (32 * values) == 0.
 template <typename F, int values, bool guarded, typename T = typename F::T>
 METAL_FUNC void qmv_impl(const device uint8_t* w, F format, const device T* x, device T* y, uint N, uint K, uint m,
                          uint first_row, uint simd_gid, uint simd_lid, threadgroup float* partials) {
   constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int rows = kQmvRows;
   constexpr int block = 32 * values;
-  constexpr int lanes_per_group = group_size / values;
-  constexpr int groups_per_block = block / group_size;
-  static_assert(group_size % values == 0 && block % group_size == 0, "a lane's values lie in one group");
+  constexpr int count = lane_groups(group_size, values), run = values / count;
+  constexpr int lanes_per_group = lane_group_lanes(group_size, values);
+  static_assert(group_size % run == 0 && block % group_size == 0, "a lane's values lie in whole groups");
   static_assert(rows <= 32, "a lane of simdgroup 0 writes each row");
   const uint groups = K / group_size;
   const ulong row_bytes = ulong(K) * bits / 8;
@@ -74,31 +101,29 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, F format, const device T* x, d
     const uint k = k0 + simd_lid * values;
     const bool lane_active = !guarded || k < K;
     float xv[values];
-    float x_sum = 0;
+    float x_sum[count] = {0};
     for (int i = 0; i < values; ++i) {
       xv[i] = lane_active ? float(x[k + i]) : 0.0f;
-      x_sum += xv[i];
+      x_sum[i / run] += xv[i];
     }
-    const uint g = k0 / group_size + simd_lid;  // the group this lane loads parameters for
+    const uint g = k0 / group_size + simd_lid * count;  // the first group this lane loads parameters for
     for (int r = 0; r < rows; ++r) {
       const uint row = first_row + r;
       const bool row_active = !guarded || row < N;  // the same for the whole simdgroup
-      float s = 0, b = 0;
-      if (row_active && simd_lid < uint(groups_per_block) && g < groups) {
-        const GroupParams p = format.group(ulong(row) * groups + g);
-        s = p.scale;
-        b = p.bias;
-      }
-      s = simd_shuffle(s, ushort(simd_lid / lanes_per_group));
-      b = simd_shuffle(b, ushort(simd_lid / lanes_per_group));
-      if (row_active && lane_active) {
-        float q[values];
-        decode_values<F, values>(w + row * row_bytes + ulong(k) * bits / 8, q);
-        float dot = 0;
-        for (int i = 0; i < values; ++i) {
-          dot += xv[i] * q[i];
+      float s[count] = {0}, b[count] = {0};
+      for (int j = 0; j < count; ++j) {
+        if (row_active && simd_lid < uint(32 / lanes_per_group) && g + j < groups) {
+          const GroupParams p = format.group(ulong(row) * groups + g + j);
+          s[j] = p.scale;
+          b[j] = p.bias;
         }
-        acc[r] += s * dot + b * x_sum;
+        if (lanes_per_group > 1) {
+          s[j] = simd_shuffle(s[j], ushort(simd_lid / lanes_per_group));
+          b[j] = simd_shuffle(b[j], ushort(simd_lid / lanes_per_group));
+        }
+      }
+      if (row_active && lane_active) {
+        acc[r] += lane_dot<F, values>(w + row * row_bytes + ulong(k) * bits / 8, xv, x_sum, s, b);
       }
     }
   }
@@ -124,45 +149,45 @@ METAL_FUNC void qmv_impl(const device uint8_t* w, F format, const device T* x, d
 // x values [l*K/4, (l+1)*K/4) in registers and dots them with the same span of rows
 // first_row + 8r + q, r < kQmvQuadRowsPerQuad: at each r the 8 quads read 8 consecutive rows, one
 // contiguous run of bytes. The first lane of each group loads its scale and bias and simd_shuffle
-// hands them to the group's other lanes; two xor shuffles sum the quad (a quad_sum).
+// hands them to the group's other lanes (a lane spanning whole groups loads its own); two xor
+// shuffles sum the quad (a quad_sum).
 template <typename F, int K, typename T = typename F::T>
 METAL_FUNC void qmv_quad_impl(const device uint8_t* w, F format, const device T* x, device T* y, uint N, uint m,
                               uint first_row, uint simd_lid) {
   constexpr int group_size = F::group_size, bits = F::bits;
   constexpr int values = K / 4;
   constexpr int groups = K / group_size;
-  constexpr int lanes_per_group = group_size / values;
-  static_assert(K % group_size == 0 && group_size % values == 0, "a lane's values lie in one group");
+  constexpr int count = lane_groups(group_size, values), run = values / count;
+  constexpr int lanes_per_group = lane_group_lanes(group_size, values);
+  static_assert(K % group_size == 0 && group_size % run == 0, "a lane's values lie in whole groups");
   const uint quad = simd_lid / 4, k = (simd_lid % 4) * values, g = k / group_size;
-  const ushort group_lane = ushort(quad * 4 + g * lanes_per_group);
+  const ushort group_lane = ushort(quad * 4 + g * group_size / values);
   x += ulong(m) * K;
   y += ulong(m) * N;
   float xv[values];
-  float x_sum = 0;
+  float x_sum[count] = {0};
   for (int i = 0; i < values; ++i) {
     xv[i] = float(x[k + i]);
-    x_sum += xv[i];
+    x_sum[i / run] += xv[i];
   }
   for (int r = 0; r < kQmvQuadRowsPerQuad; ++r) {
     const uint row = first_row + r * 8 + quad;
     const bool active = row < N;  // the same for the whole quad
-    float s = 0, b = 0;
-    if (active && k % group_size == 0) {
-      const GroupParams p = format.group(ulong(row) * groups + g);
-      s = p.scale;
-      b = p.bias;
+    float s[count] = {0}, b[count] = {0};
+    for (int j = 0; j < count; ++j) {
+      if (active && k % group_size == 0) {
+        const GroupParams p = format.group(ulong(row) * groups + g + j);
+        s[j] = p.scale;
+        b[j] = p.bias;
+      }
+      if (lanes_per_group > 1) {
+        s[j] = simd_shuffle(s[j], group_lane);
+        b[j] = simd_shuffle(b[j], group_lane);
+      }
     }
-    s = simd_shuffle(s, group_lane);
-    b = simd_shuffle(b, group_lane);
     float acc = 0;
     if (active) {
-      float q[values];
-      decode_values<F, values>(w + ulong(row) * (K * bits / 8) + k * bits / 8, q);
-      float dot = 0;
-      for (int i = 0; i < values; ++i) {
-        dot += xv[i] * q[i];
-      }
-      acc = s * dot + b * x_sum;
+      acc = lane_dot<F, values>(w + ulong(row) * (K * bits / 8) + k * bits / 8, xv, x_sum, s, b);
     }
     acc += simd_shuffle_xor(acc, ushort(1));
     acc += simd_shuffle_xor(acc, ushort(2));

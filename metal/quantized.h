@@ -40,16 +40,22 @@ METAL_FUNC ulong load_unit(const device uint8_t* packed) {
   return unit;
 }
 
-template <int bits>
-METAL_FUNC void store_unit(device uint8_t* packed, ulong unit) {
-  if (unit_bytes<bits>() == 4) {
+// The low `bytes` bytes of `unit` (a whole unit, or the 2 bytes of a 1-bit group of 16).
+template <int bytes>
+METAL_FUNC void store_bytes(device uint8_t* packed, ulong unit) {
+  if (bytes == 4) {
     *reinterpret_cast<device uint32_t*>(packed) = uint32_t(unit);
     return;
   }
-  for (int i = 0; i < unit_bytes<bits>(); ++i) {
+  for (int i = 0; i < bytes; ++i) {
     packed[i] = uint8_t(unit >> (8 * i));
   }
 }
+
+// Values of one group that one packing step holds: a whole unit, or the group itself where it is
+// less than a unit (1 bit, group size 16: half a word).
+template <int group_size, int bits>
+constexpr int group_step_values() { return group_size < unit_values<bits>() ? group_size : unit_values<bits>(); }
 
 // Code i of a unit, and a unit with `code` (< 2^bits) put at position i, whose bits there are zero:
 // the LSB-first bitstream of every kernel that packs (affine_quantize, pack) or unpacks
@@ -103,7 +109,8 @@ METAL_FUNC T dequantize_value(uint q, T scale, T bias) {
 // One group: reads its group_size values once, writes its packed bytes, its scale and its bias.
 template <typename T, int group_size, int bits>
 METAL_FUNC void affine_quantize_impl(const device T* w, device uint8_t* packed, device T* scale, device T* bias) {
-  static_assert(group_size % unit_values<bits>() == 0, "a group must fill whole units");
+  constexpr int per_step = group_step_values<group_size, bits>(), step_bytes = per_step * bits / 8;
+  static_assert(group_size % per_step == 0 && per_step * bits % 8 == 0, "a group fills whole steps of whole bytes");
   float values[group_size];
   values[0] = float(w[0]);
   float w_min = values[0], w_max = values[0];
@@ -115,25 +122,30 @@ METAL_FUNC void affine_quantize_impl(const device T* w, device uint8_t* packed, 
   }
   const GroupParams p = affine_group_params<bits>(w_min, w_max);
   const float n_bins = float((1 << bits) - 1);
-  constexpr int per_unit = unit_values<bits>();
-  for (int u = 0; u < group_size / per_unit; ++u) {
+  for (int u = 0; u < group_size / per_step; ++u) {
     ulong unit = 0;
-    for (int i = 0; i < per_unit; ++i) {
-      const float q = clamp(rint(precise::divide(values[u * per_unit + i] - p.bias, p.scale)), 0.0f, n_bins);
+    for (int i = 0; i < per_step; ++i) {
+      const float q = clamp(rint(precise::divide(values[u * per_step + i] - p.bias, p.scale)), 0.0f, n_bins);
       unit = put_code<bits>(unit, i, uint(q));
     }
-    store_unit<bits>(packed + u * unit_bytes<bits>(), unit);
+    store_bytes<step_bytes>(packed + u * step_bytes, unit);
   }
   *scale = T(p.scale);
   *bias = T(p.bias);
 }
 
-// One unit: unpacks its values and writes them dequantized.
-template <typename T, int bits>
-METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, T scale, T bias, device T* out) {
+// One unit: unpacks its values and writes them dequantized, with the scale and bias of each group it
+// holds (from scales[0], biases[0]: one group, or two 1-bit groups of 16).
+template <typename T, int group_size, int bits>
+METAL_FUNC void affine_dequantize_impl(const device uint8_t* packed, const device T* scales, const device T* biases,
+                                       device T* out) {
+  constexpr int per_step = group_step_values<group_size, bits>();
   const ulong unit = load_unit<bits>(packed);
-  for (int i = 0; i < unit_values<bits>(); ++i) {
-    out[i] = dequantize_value(unit_code<bits>(unit, i), scale, bias);
+  for (int s = 0; s < unit_values<bits>() / per_step; ++s) {
+    const T scale = scales[s], bias = biases[s];
+    for (int i = s * per_step; i < (s + 1) * per_step; ++i) {
+      out[i] = dequantize_value(unit_code<bits>(unit, i), scale, bias);
+    }
   }
 }
 
@@ -144,7 +156,7 @@ METAL_FUNC void pack_impl(const device uint8_t* q, device uint8_t* packed) {
   for (int i = 0; i < unit_values<bits>(); ++i) {
     unit = put_code<bits>(unit, i, q[i]);
   }
-  store_unit<bits>(packed, unit);
+  store_bytes<unit_bytes<bits>()>(packed, unit);
 }
 
 // One unit of packed bytes into its uint8 codes.
@@ -287,7 +299,7 @@ template <typename T, int group_size, int bits>
 
 // One thread per unit (see pack_unit_bytes): thread u reads bytes [u*B, (u+1)*B) of wq and its group's
 // scale and bias, and writes out[u*V, (u+1)*V), with B bytes and V values per unit (4-bit: B=4, V=8;
-// 3-bit: B=3, V=8). Groups are whole units, so a unit never spans two groups.
+// 3-bit: B=3, V=8). Groups are whole units, but for 1-bit groups of 16: a unit then holds two groups.
 template <typename T, int group_size, int bits>
 [[kernel]] void affine_dequantize(
     const device uint8_t* wq [[buffer(0)]],
@@ -303,8 +315,8 @@ template <typename T, int group_size, int bits>
   }
   constexpr int per_unit = metalq::unit_values<bits>();
   const ulong g = u * per_unit / group_size;
-  metalq::affine_dequantize_impl<T, bits>(
-      wq + u * metalq::unit_bytes<bits>(), scales[g], biases[g], out + u * per_unit);
+  metalq::affine_dequantize_impl<T, group_size, bits>(
+      wq + u * metalq::unit_bytes<bits>(), scales + g, biases + g, out + u * per_unit);
 }
 
 // pack / unpack (type-independent: pack_b_<bits>, unpack_b_<bits>): one thread per unit, as

@@ -38,6 +38,7 @@
   leaf(kernel, type, group_size, 8)
 
 #define instantiate_group_sizes(leaf, kernel, type) \
+  instantiate_bits(leaf, kernel, type, 16) \
   instantiate_bits(leaf, kernel, type, 32) \
   instantiate_bits(leaf, kernel, type, 64) \
   instantiate_bits(leaf, kernel, type, 128)
@@ -70,8 +71,10 @@ instantiate_types(instantiate_split_k, qvm_split_k)
   instantiate_qmv_quad(type, K, group_size, 8)
 
 #define instantiate_qmv_quad_types(type) \
+  instantiate_qmv_quad_bits(type, 64, 16) \
   instantiate_qmv_quad_bits(type, 64, 32) \
   instantiate_qmv_quad_bits(type, 64, 64) \
+  instantiate_qmv_quad_bits(type, 128, 16) \
   instantiate_qmv_quad_bits(type, 128, 32) \
   instantiate_qmv_quad_bits(type, 128, 64) \
   instantiate_qmv_quad_bits(type, 128, 128)
@@ -129,6 +132,7 @@ instantiate_bits_only_all(unpack)
   instantiate_qmm(type, group_size, 8)
 
 #define instantiate_qmm_types(type) \
+  instantiate_qmm_bits(type, 16) \
   instantiate_qmm_bits(type, 32) \
   instantiate_qmm_bits(type, 64) \
   instantiate_qmm_bits(type, 128)
@@ -140,7 +144,7 @@ instantiate_qmm_types(bfloat)
 // Floating-point modes: fp_<kernel>_<mode>_<type>[_global] (plan.cpp's fp_kernel_name), the mode as
 // metal/fp_format.h numbers it; only nvfp4 takes a global scale. Besides fp_quantized.h's kernels,
 // every matmul kernel with the format metalq::Fp, over batches only (fp weights are 2-D, no gather):
-// qmv_fast, qmv, qmv_wide, qmv_quad_k64 (and _k128 below), qvm, qvm_split_k, qmm_{t,n}[_splitk].
+// qmv_fast, qmv, qmv_wide, qmv_quad_k64 / _k128, qvm, qvm_split_k, qmm_{t,n}[_splitk].
 #define instantiate_fp_matmul(kernel, mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_" #kernel "_" #mode_name "_" #type suffix, kernel, metalq::Fp<type, mode, has_global>)
 
@@ -153,6 +157,8 @@ instantiate_qmm_types(bfloat)
   instantiate_fp_matmul(qvm, mode_name, mode, type, has_global, suffix) \
   instantiate_kernel("fp_qmv_quad_k64_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
                      64) \
+  instantiate_kernel("fp_qmv_quad_k128_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
+                     128) \
   instantiate_kernel("fp_qvm_split_k_" #mode_name "_" #type suffix, qvm_split_k, metalq::Fp<type, mode, has_global>) \
   instantiate_kernel("fp_qmm_t_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, true) \
   instantiate_kernel("fp_qmm_n_" #mode_name "_" #type suffix, qmm, metalq::Fp<type, mode, has_global>, false) \
@@ -160,11 +166,6 @@ instantiate_qmm_types(bfloat)
                      true) \
   instantiate_kernel("fp_qmm_n_splitk_" #mode_name "_" #type suffix, qmm_splitk, metalq::Fp<type, mode, has_global>, \
                      false)
-
-// qmv_quad at K = 128 gives each lane 32 values: only for the modes whose groups hold them.
-#define instantiate_fp_quad_k128(mode_name, mode, type, has_global, suffix) \
-  instantiate_kernel("fp_qmv_quad_k128_" #mode_name "_" #type suffix, qmv_quad, metalq::Fp<type, mode, has_global>, \
-                     128)
 
 #define instantiate_fp_types(leaf, mode_name, mode, has_global, suffix) \
   leaf(mode_name, mode, float, has_global, suffix) \
@@ -175,5 +176,3 @@ instantiate_fp_types(instantiate_fp, mxfp4, 0, false, "")
 instantiate_fp_types(instantiate_fp, nvfp4, 1, false, "")
 instantiate_fp_types(instantiate_fp, nvfp4, 1, true, "_global")
 instantiate_fp_types(instantiate_fp, mxfp8, 2, false, "")
-instantiate_fp_types(instantiate_fp_quad_k128, mxfp4, 0, false, "")
-instantiate_fp_types(instantiate_fp_quad_k128, mxfp8, 2, false, "")

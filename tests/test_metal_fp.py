@@ -25,16 +25,14 @@ def global_tensor(g):
 
 
 # The kernels plan_fp_qmm may pick, beside qmv_quad_k128 (only where K / 4 = 32 values fit a group).
-MATMUL_KERNELS = ("qmv_fast", "qmv", "qmv_wide", "qmv_quad_k64", "qvm", "qvm_split_k", "qmm_t", "qmm_n",
-                  "qmm_t_splitk", "qmm_n_splitk")
+MATMUL_KERNELS = ("qmv_fast", "qmv", "qmv_wide", "qmv_quad_k64", "qmv_quad_k128", "qvm", "qvm_split_k", "qmm_t",
+                  "qmm_n", "qmm_t_splitk", "qmm_n_splitk")
 
 
 def test_library_holds_exactly_the_plannable_fp_kernels(lib):
     kernels = ("quantize", "dequantize") + MATMUL_KERNELS
     names = {metalq._C.fp_kernel_name(kernel, FP_MODES[mode], dtype, g is not None)
              for kernel in kernels for mode, g in MODE_CASES for dtype in DTYPES.values()}
-    names |= {metalq._C.fp_kernel_name("qmv_quad_k128", FP_MODES[mode], dtype, False)
-              for mode in ("mxfp4", "mxfp8") for dtype in DTYPES.values()}
     assert names == {name for name in lib.kernels if name.startswith("fp_")}
 
 
@@ -104,8 +102,8 @@ def matmul_cases(mode):
         ("qmv_fast", ["qmv_fast"], 1, 2 * fast_k, 16, True),
         ("qmv-unaligned-N", ["qmv"], 1, 3 * gs, 13, True),
         ("qmv_quad", ["qmv_quad_k64"], 1, 64, 24, True),
-        # K = 128 gives a quad lane 32 values: more than one nvfp4 group, so nvfp4 takes qmv there
-        ("qmv_quad-K128", ["qmv" if gs == 16 else "qmv_quad_k128"], 1, 128, 8, True),
+        # K = 128 gives a quad lane 32 values: two whole nvfp4 groups
+        ("qmv_quad-K128", ["qmv_quad_k128"], 1, 128, 8, True),
         ("qmv_wide", ["qmv_wide"], 5, 5 * gs, 12, True),
         ("qmm_t", ["qmm_t"], 33, 4 * gs, 40, True),
         ("qmm_t_splitk", ["qmm_t_splitk", "split_k_reduce"], 40, 1024, 24, True),

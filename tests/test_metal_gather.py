@@ -97,9 +97,44 @@ CASES = [
 ]
 
 
+def group_size_16_cases(bits):
+    """Every branch of CASES at group size 16 and `bits` (packed lengths in whole words for 1, 3, 5 bits)."""
+    rhs = torch.tensor([[2], [0]])
+    quad = [(f"qmv_quad_k{K}", [f"gather_qmv_quad_k{K}"], (4, 2, K), 3, torch.tensor([3, 1]), rhs, (K, 70), True,
+             False, torch.float16) for K in (64, 128)] if bits in (1, 2, 4, 8) else []
+    return [(*case, 16, bits) for case in quad + [
+        ("qmv_fast", ["gather_qmv_fast"], (3, 1, 1, 1024), 4, None, torch.tensor([[3, 0], [2, 2], [1, 3]]), (1024, 16),
+         True, False, torch.bfloat16),
+        ("qmv", ["gather_qmv"], (4, 1, 96), 3, torch.tensor([3, 0, 3]), rhs, (96, 13), True, False, torch.float32),
+        ("qmv_wide", ["gather_qmv_wide"], (2, 3, 96), 4, torch.tensor([1, 0, 1]), torch.tensor([3, 3, 0]), (96, 8),
+         True, False, torch.float16),
+        ("qvm", ["gather_qvm"], (5, 2, 100), 3, None, torch.tensor([2, 0, 1, 2, 2]), (100, 64), False, False,
+         torch.bfloat16),
+        ("qmm_t", ["gather_qmm_t"], (2, 33, 64), 3, torch.tensor([1, 1, 0]), torch.tensor([0, 2, 2]), (64, 40), True,
+         False, torch.float32),
+        ("qmm_n", ["gather_qmm_n"], (3, 10, 70), 3, None, None, (70, 64), False, False, torch.float16),
+        ("rhs_t", ["gather_qmm_rhs_t"], (40, 1, 256), 4, None, sorted_routing(20, 2, 4), (256, 40), True, True,
+         torch.bfloat16),
+        ("rhs_n", ["gather_qmm_rhs_n"], (36, 1, 70), 3, None, sorted_routing(12, 3, 3, seed=1), (70, 64), False, True,
+         torch.float32),
+    ]]
+
+
+GROUP_SIZE_16 = [case for bits in (1, 2, 3, 4, 5, 6, 8) for case in group_size_16_cases(bits)]
+
+
 @pytest.mark.parametrize("order", ["random", "forward", "reverse"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_branch_matches_oracles(lib, case, order):
+    run_case(lib, case, order)
+
+
+@pytest.mark.parametrize("case", GROUP_SIZE_16, ids=[f"{c[0]}-gs16-b{c[-1]}" for c in GROUP_SIZE_16])
+def test_every_branch_at_group_size_16(lib, case):
+    run_case(lib, case, "random")
+
+
+def run_case(lib, case, order):
     name, kernels, x_shape, count, lhs, rhs, (K, N), transpose, sorted_indices, dtype, gs, bits = case
     wq, scales, biases = experts(count, N if transpose else K, K if transpose else N, dtype, gs, bits)
     x = torch.randn(x_shape, generator=torch.Generator().manual_seed(len(name))).to(dtype)

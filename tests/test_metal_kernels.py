@@ -12,7 +12,7 @@ import torch
 import emulator
 import metalq
 from conftest import metal_library
-from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, axis_multiple
 
 METAL = Path(__file__).resolve().parents[1] / "metal"
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -99,7 +99,7 @@ def test_plan_covers_large_grids():
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 @pytest.mark.parametrize("dtype, group_size, bits", FORMATS, ids=FORMAT_IDS)
 def test_quantize_matches_cpu(lib, dtype, group_size, bits, order):
-    w = _weights((5, 3 * group_size), dtype, group_size, seed=bits)
+    w = _weights((5, 3 * axis_multiple(bits, group_size)), dtype, group_size, seed=bits)
     got, _ = emulate_quantize(lib, w, group_size, bits, order)
     for g, e in zip(got, torch.ops.metalq.affine_quantize(w, group_size, bits)):
         assert _same_bits(g, e)
@@ -117,7 +117,8 @@ def test_dequantize_matches_cpu(lib, dtype, group_size, bits, order):
 @pytest.mark.parametrize(
     "shape, dtype, group_size, bits",
     [((300, 64), torch.float16, 64, 4), ((2, 7, 384), torch.bfloat16, 128, 3), ((3, 96), torch.float32, 32, 5),
-     ((33, 640), torch.float16, 32, 6), ((1, 4096), torch.float32, 128, 8)],
+     ((33, 640), torch.float16, 32, 6), ((1, 4096), torch.float32, 128, 8), ((7, 5, 96), torch.bfloat16, 16, 1),
+     ((300, 48), torch.float16, 16, 6), ((9, 160), torch.float32, 16, 5)],
 )
 def test_random_shapes_match_cpu(lib, shape, dtype, group_size, bits):
     w = _weights(shape, dtype, group_size, seed=sum(shape))
@@ -140,13 +141,14 @@ def traffic_table(lib, bits, rows=512, K=1024, dtype=torch.float16, group_size=6
 
     The floor touches every byte once. Dequantize threads each re-read their group's scale and bias
     (group_size / values-per-unit threads share one; on the GPU the cache absorbs it), so those two
-    bindings are held to distinct bytes at the floor and total bytes at that re-read factor.
+    bindings are held to distinct bytes at the floor and total bytes at that re-read factor (1 where a
+    unit holds two groups: 1 bit at group size 16).
     """
     w = _weights((rows, K), dtype, group_size, seed=0)
     (wq, scales, biases), q = emulate_quantize(lib, w, group_size, bits)
     out, d = emulate_dequantize(lib, wq, scales, biases, group_size, bits)
     nw, nq, ns = (t.numel() * t.element_size() for t in (w, wq, scales))
-    reread = group_size // _values_per_unit(bits)
+    reread = max(1, group_size // _values_per_unit(bits))
     read, written = (lambda n, times=1: emulator.Traffic(n * times, 0, n, 0)), (lambda n: emulator.Traffic(0, n, 0, n))
     return {("quantize", "w"): (q[0], read(nw)), ("quantize", "wq"): (q[1], written(nq)),
             ("quantize", "scales"): (q[2], written(ns)), ("quantize", "biases"): (q[3], written(ns)),
@@ -154,9 +156,9 @@ def traffic_table(lib, bits, rows=512, K=1024, dtype=torch.float16, group_size=6
             ("dequantize", "biases"): (d[2], read(ns, reread)), ("dequantize", "out"): (d[3], written(nw))}
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_traffic_meets_floor(lib, bits):
-    for binding, (measured, floor) in traffic_table(lib, bits).items():
+@pytest.mark.parametrize("bits, group_size", [(3, 64), (4, 64), (1, 16), (3, 16)])
+def test_traffic_meets_floor(lib, bits, group_size):
+    for binding, (measured, floor) in traffic_table(lib, bits, group_size=group_size).items():
         assert measured == floor, binding
 
 

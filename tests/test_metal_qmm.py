@@ -151,6 +151,9 @@ SHAPES = [  # M, N, K, transpose, dtype, group_size, bits, partitions
     (33, 64, 1024, False, torch.bfloat16, 32, 3, 4),
     (40, 72, 640, True, torch.float32, 128, 5, 2),    # split-K with ragged N
     (33, 64, 1000, False, torch.float16, 64, 6, 3),   # split-K, last partition shorter and ragged
+    (33, 48, 96, True, torch.float16, 16, 3, 1),      # group size 16: ragged N, K of 6 groups
+    (45, 64, 160, False, torch.bfloat16, 16, 1, 1),
+    (33, 64, 1000, False, torch.float32, 16, 5, 3),
 ]
 
 
@@ -161,6 +164,17 @@ def test_shapes(lib, M, N, K, transpose, dtype, group_size, bits, partitions, or
     out, plans, _ = emulate(lib, x, packed, group_size, bits, transpose, order=order)
     assert plans[0]["threadgroups"][2] == partitions and len(plans) == (1 if partitions == 1 else 2)
     check_against_oracles(out, x, packed, weights, group_size, bits, transpose)
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["t", "n"])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS, ids=lambda b: f"b{b}")
+def test_split_k_group_size_16_every_bits(lib, bits, transpose):
+    # qmm_{t,n}_splitk and split_k_reduce (test_qmm_*_every_format covers the unsplit GEMMs at group size 16).
+    x, packed, weights = _problem(33, 64, 1024, torch.bfloat16, 16, bits, transpose, seed=bits)
+    out, plans, _ = emulate(lib, x, packed, 16, bits, transpose, order="random")
+    kind = "qmm_t_splitk" if transpose else "qmm_n_splitk"
+    assert [p["kernel"] for p in plans] == [metalq._C.kernel_name(kind, torch.bfloat16, 16, bits), "split_k_reduce_bfloat"]
+    check_against_oracles(out, x, packed, weights, 16, bits, transpose)
 
 
 # ---- device traffic against the tile arithmetic -------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 import metalq
 from conftest import metal_library
-from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from metalq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, axis_multiple
 
 METAL = Path(__file__).resolve().parents[1] / "metal"
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -31,8 +31,9 @@ def _fast_block(bits):
 
 
 def cases(group_size, bits):
-    """(name, expected kernels, M, K, N, transpose): one per branch of plan_affine_qmm."""
-    gs, big_k = group_size, max(_fast_block(bits), 1024)
+    """(name, expected kernels, M, K, N, transpose): one per branch of plan_affine_qmm. Packed lengths are
+    counted in gs: whole groups of whole words (the group size, or 32 for group size 16 at 1, 3, 5 bits)."""
+    gs, big_k = axis_multiple(bits, group_size), max(_fast_block(bits), 1024)
     quad, small_k = bits in (1, 2, 4, 8), 128 if gs == 128 else 64  # qmv_quad: K in (64, 128)
     quad_cases = [(f"qmv_quad-K{K}-M{M}-N{N}", [f"qmv_quad_k{K}"], M, K, N, True)
                   for K, M, N in ((64, 1, 128), (64, 3, 70), (128, 1, 64), (128, 2, 200)) if K % gs == 0]

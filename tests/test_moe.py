@@ -38,7 +38,7 @@ def float64_gather(x, layer, indices):
     return torch.stack(rows).reshape(*batch, x.shape[-2], layer.out_features)
 
 
-@pytest.mark.parametrize("bits,group_size,bias", [(4, 64, False), (3, 32, True), (8, 128, False)])
+@pytest.mark.parametrize("bits,group_size,bias", [(4, 64, False), (3, 32, True), (8, 128, False), (6, 16, True)])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_switch_linear_matches_float64_loop(bits, group_size, bias, rows):
     torch.manual_seed(bits * rows)
@@ -158,19 +158,20 @@ def token_batch(seed=0, tokens=40):
     return torch.randint(3, VOCAB, (2, tokens), generator=generator)
 
 
+@pytest.mark.parametrize("group_size", [32, 16], ids=lambda g: f"gs{g}")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_quantize_swaps_every_experts_module_and_matches_dequantized_reference(family):
+def test_quantize_swaps_every_experts_module_and_matches_dequantized_reference(family, group_size):
     model = build(family)
     paths = experts_paths(model)
     assert len(paths) == 2
     reference_float = copy.deepcopy(model)
-    metalq.quantize_(model, MetalConfig(bits=4, group_size=32))
+    metalq.quantize_(model, MetalConfig(bits=4, group_size=group_size))
     for path in paths:
         experts = model.get_submodule(path)
         assert isinstance(experts, MetalExperts)
         float_experts = reference_float.get_submodule(path)
         for name, layer in experts.projections():
-            assert isinstance(layer, MetalSwitchLinear) and (layer.bits, layer.group_size) == (4, 32)
+            assert isinstance(layer, MetalSwitchLinear) and (layer.bits, layer.group_size) == (4, group_size)
             count, rows, columns = float_experts._parameters[name].shape
             stored = (count, columns, rows) if float_experts.is_transposed else (count, rows, columns)
             assert (layer.num_experts, layer.out_features, layer.in_features) == stored

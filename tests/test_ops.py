@@ -15,11 +15,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import metalq
 from conftest import require_mlx
+from metalq.config import axis_multiple
 
 ops = torch.ops.metalq
 
 BITS = (1, 2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)
+MLX_GROUP_SIZES = (32, 64, 128)  # MLX's affine group sizes; 16 is metalq's own
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # |y - y_ref| <= TOL * (|x| @ |W|): the output's own rounding in T dominates for half types.
 TOL = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -71,11 +73,13 @@ def run_qmm_case(transpose, bits, group_size, dtype, m_rows, other, packed, seed
                            f"{'qmm_t' if transpose else 'qmm_n'} M={m_rows} bits={bits} gs={group_size}")
 
 
-def shapes_for(transpose, group_size):
-    """(unpacked rows, packed length) pairs: odd row counts; packed lengths with tails after every block size."""
-    if transpose:  # w is (N, K): N odd, K = group_size * odd
-        return [(67, 3 * group_size), (33, 5 * group_size)]
-    return [(67, 3 * group_size), (33, 17 * group_size)]  # w is (K, N): K odd, N past 512 with a tail
+def shapes_for(transpose, group_size, bits):
+    """(unpacked rows, packed length) pairs: odd row counts; packed lengths with tails after every block size,
+    in units of whole groups of whole words (the group size but for 16 at 1, 3 or 5 bits: 32)."""
+    unit = axis_multiple(bits, group_size)
+    if transpose:  # w is (N, K): N odd, K = unit * odd
+        return [(67, 3 * unit), (33, 5 * unit)]
+    return [(67, 3 * unit), (33, 17 * unit)]  # w is (K, N): K odd, N past 512 with a tail
 
 
 # ---- numerics against float64 -------------------------------------------------------------------
@@ -110,7 +114,7 @@ def test_qmm_split_over_threads(op, bits, m_rows, threads):
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("op", TRANSPOSE)
 def test_qmm_matches_float64(op, bits, group_size, dtype, m_rows, one_thread):
-    for other, packed in shapes_for(TRANSPOSE[op], group_size):
+    for other, packed in shapes_for(TRANSPOSE[op], group_size, bits):
         run_qmm_case(TRANSPOSE[op], bits, group_size, DTYPES[dtype], m_rows, other, packed)
 
 
@@ -179,6 +183,7 @@ def check_every_path():
         for bits in BITS:
             for dtype in DTYPES.values():
                 for m_rows in (1, 3, 5, 16):
+                    run_qmm_case(transpose, bits, 16, dtype, m_rows, 67, 17 * axis_multiple(bits, 16))
                     run_qmm_case(transpose, bits, 32, dtype, m_rows, 67, 5 * 32)
                     run_qmm_case(transpose, bits, 128, dtype, m_rows, 33, 17 * 128)
 
@@ -220,7 +225,7 @@ def test_unknown_isa_is_a_clear_error():
 # ---- MLX's quantized_matmul ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("m_rows", (1, 5, 33), ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("group_size", GROUP_SIZES, ids=lambda g: f"gs{g}")
+@pytest.mark.parametrize("group_size", MLX_GROUP_SIZES, ids=lambda g: f"gs{g}")
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("op", TRANSPOSE)
 def test_qmm_matches_mlx_quantized_matmul(op, bits, group_size, m_rows, one_thread):
@@ -242,6 +247,39 @@ def test_qmm_matches_mlx_quantized_matmul(op, bits, group_size, m_rows, one_thre
     bound = TOL[torch.float32] * (x.double().abs() @ b64.abs())
     err = (y.double() - torch.from_numpy(np.array(ref)).double()).abs()
     assert (err <= bound).all(), f"max abs difference from MLX {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("m_rows", (1, 5, 16, 33), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("op", TRANSPOSE)
+def test_group_size_16_matches_mlx_group_size_32(op, bits, m_rows, one_thread):
+    """MLX has no affine group size 16, but a gs-32 matrix is also a gs-16 one: the same codes with each
+    group's scale and bias repeated for its two halves. metalq's gs-16 product of that layout must equal
+    mx.quantized_matmul of the gs-32 original (float32, as above), and metalq's gs-32 product in every dtype."""
+    mx = require_mlx()
+    import numpy as np
+
+    transpose = TRANSPOSE[op]
+    gen = torch.Generator().manual_seed(bits)
+    rows, packed = (67, 5 * 32) if transpose else (67, 17 * 32)
+    w = (torch.randn(rows, packed, generator=gen) / packed**0.5).numpy()
+    mwq, ms, mb = mx.quantize(mx.array(w), group_size=32, bits=bits)
+    wq, s32, b32 = (torch.from_numpy(np.array(a)) for a in (mwq, ms, mb))
+    s16, b16 = s32.repeat_interleave(2, -1), b32.repeat_interleave(2, -1)
+    assert torch.equal(ops.affine_dequantize(wq, s16, b16, 16, bits), ops.affine_dequantize(wq, s32, b32, 32, bits))
+    x = random_x((m_rows, packed if transpose else rows), torch.float32)
+    ref = mx.quantized_matmul(mx.array(x.numpy()), mwq, ms, mb, transpose=transpose, group_size=32, bits=bits)
+    y = qmm(transpose)(x, wq, s16, b16, 16, bits)
+    b64 = dense_weight(wq, s32, b32, 32, bits, transpose)
+    bound = TOL[torch.float32] * (x.double().abs() @ b64.abs())
+    err = (y.double() - torch.from_numpy(np.array(ref)).double()).abs()
+    assert (err <= bound).all(), f"max abs difference from MLX {err.max().item():.3g}"
+    for dtype in (torch.float16, torch.bfloat16):
+        xd, sd, bd = x.to(dtype), s32.to(dtype), b32.to(dtype)
+        y16 = qmm(transpose)(xd, wq, sd.repeat_interleave(2, -1), bd.repeat_interleave(2, -1), 16, bits)
+        y32 = qmm(transpose)(xd, wq, sd, bd, 32, bits)
+        bd64 = dense_weight(wq, sd, bd, 32, bits, transpose)
+        assert ((y16.double() - y32.double()).abs() <= 2 * TOL[dtype] * (xd.double().abs() @ bd64.abs())).all()
 
 
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
@@ -571,6 +609,9 @@ BAD_INPUTS = {
                          TypeError, "w has dtype Double"),
     "quantize_K_not_divisible": (ops.affine_quantize, lambda d: (torch.zeros(4, 100, device=d), 64, 4), ValueError,
                                  r"last dimension of w \(K=100\) must be divisible by group_size=64"),
+    # 3 groups of 16 are 144 bits: rows would end inside a uint32 word.
+    "quantize_K_not_whole_words": (ops.affine_quantize, lambda d: (torch.zeros(4, 48, device=d), 16, 3), ValueError,
+                                   r"last dimension of w \(K=48\) times bits=3 must be a multiple of 32"),
     "quantize_w_1d": (ops.affine_quantize, lambda d: (torch.zeros(64, device=d), 64, 4), ValueError,
                       "w must have at least 2 dimensions"),
     "pack_not_uint8": (ops.pack, lambda d: (torch.zeros(2, 32, dtype=torch.int32, device=d), 4), TypeError,
@@ -611,10 +652,10 @@ for _name, (_op, _make) in VALID.items():
             _op, lambda d, op=_op, make=_make, b=_bits: _with_format(make(d), op, 64, b), ValueError,
             rf"bits={_bits} is not supported. The supported bits are 1, 2, 3, 4, 5, 6 and 8")
     if _op not in (ops.pack, ops.unpack):
-        for _gs in (16, 48, 256, 0):
+        for _gs in (8, 48, 256, 0):
             BAD_INPUTS[f"{_name}_group_size{_gs}"] = (
                 _op, lambda d, op=_op, make=_make, g=_gs: _with_format(make(d), op, g, 4), ValueError,
-                rf"group_size={_gs} is not supported. The supported group sizes are 32, 64 and 128")
+                rf"group_size={_gs} is not supported. The supported group sizes are 16, 32, 64 and 128")
 
 # Rules that depend on values, so only a real (CPU) tensor can break them.
 VALUE_RULES = {

@@ -70,9 +70,9 @@ def test_config_rejects_bits(bits):
         MetalConfig(bits=bits)
 
 
-@pytest.mark.parametrize("group_size", [0, -64, 16, 48, 96, 256])
+@pytest.mark.parametrize("group_size", [0, -64, 8, 48, 96, 256])
 def test_config_rejects_group_size(group_size):
-    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128\)"):
+    with pytest.raises(ValueError, match=r"group_size must be one of \(16, 32, 64, 128\)"):
         MetalConfig(group_size=group_size)
 
 
@@ -120,6 +120,23 @@ def test_quantize_converts_linears_and_warns_once_naming_misfits():
     assert linear_names(model) == ["odd_out"]
     assert len(linear_names(model, MetalLinear)) == 6
     assert ((model(x) - reference).abs().max() / reference.abs().max()) < 0.02  # 8-bit weights
+
+
+def test_group_size_16_needs_whole_words_at_odd_bits():
+    # in_features=48: three groups of 16, which at 3 bits end inside a uint32 word (4 bits fill them).
+    model = make_model(odd=48)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_(model, MetalConfig(bits=3, group_size=16))
+    assert len(caught) == 1 and "odd_out (in_features=48, group_size=16, bits=3: a multiple of 32)" in str(
+        caught[0].message)
+    assert linear_names(model) == ["odd_out"]
+    model = make_model(odd=48)
+    x = torch.randn(3, 128)
+    reference = model(x)
+    quantize_(model, MetalConfig(bits=4, group_size=16))
+    assert not linear_names(model)
+    assert ((model(x) - reference).abs().max() / reference.abs().max()) < 0.1  # 4-bit weights
 
 
 def test_quantize_filter_fn_sees_module_and_name():

@@ -17,7 +17,7 @@ from metalq import reference as R
 ops = torch.ops.metalq
 
 BITS = (1, 2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # as tests/test_ops.py
 FP_MODES = ("mxfp4", "nvfp4", "mxfp8")
@@ -140,9 +140,10 @@ def test_fp_dequantize_every_code():
                              ops.fp_dequantize(wq, scales, mode, None, out), f"{mode} dtype={out}")
 
 
+@pytest.mark.parametrize("gs, bits", ((64, 4), (16, 3)), ids=("gs64-b4", "gs16-b3"))
 @pytest.mark.parametrize("transpose", (True, False), ids=("t", "n"))
-def test_batched_and_gather_match_cpu(transpose):
-    K, N, E, gs, bits, dtype = 128, 64, 4, 64, 4, torch.float32
+def test_batched_and_gather_match_cpu(transpose, gs, bits):
+    K, N, E, dtype = 128, 64, 4, torch.float32
     shape = (E, N, K) if transpose else (E, K, N)
     wq, s, b = ops.affine_quantize(weight(shape, dtype), gs, bits)
     dense = ops.affine_dequantize(wq, s, b, gs, bits).double()
@@ -183,6 +184,7 @@ def test_errors_are_the_ops_errors():
     cases = [
         ("affine_quantize", (torch.randn(4, 60), 64, 4)),
         ("affine_quantize", (torch.randn(4, 64), 64, 7)),
+        ("affine_quantize", (torch.randn(4, 48), 16, 5)),  # K * bits not whole uint32 words
         ("affine_quantize", (nan, 64, 4)),
         ("affine_dequantize", (wq, s, b.half(), 64, 4)),
         ("affine_qmm_t", (torch.randn(3, 64), wq, s, b, 64, 4)),

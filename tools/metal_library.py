@@ -6,7 +6,7 @@ by path. When that fails for any reason (Command Line Tools only, Xcode 26 witho
 a compiler that rejects the kernels), the build prints the compiler's first diagnostics once and embeds
 the sources instead: the kernel templates of each .metal file (its prelude) and one instantiation line
 per kernel, so that the first use of a kernel compiles that kernel alone (a fraction of a second), not
-the ~1,500 of the whole library. Either way installation never fails because of Metal.
+the ~1,900 of the whole library. Either way installation never fails because of Metal.
 
 A .metal file is a list of quoted #includes (the templates) followed by instantiation macros: the
 build expands the macros with the C preprocessor of the compiler that builds the extension.

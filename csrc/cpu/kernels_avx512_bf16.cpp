@@ -1,7 +1,7 @@
 // x @ W.T for bfloat16 activations on CPUs with AVX512-BF16 (bits 1, 2, 4, 8).
 //
-// A 64-byte block of W is read as 32 uint16 lanes; each lane holds 16/bits consecutive values, and
-// sub-vector t takes every lane's t-th field. One vpermw maps the fields straight to bfloat16 (the
+// A block of W is read as 32 uint16 lanes (64 bytes; 32 bytes for 1 bit, a byte per lane); each lane
+// holds 16/bits (1 bit: 8) consecutive values, and sub-vector t takes every lane's t-th field. One vpermw maps the fields straight to bfloat16 (the
 // table only looks at the low 5 bits, so no mask is needed) and one vdpbf16ps multiplies 32 of them
 // with x and adds pairs into 16 float accumulators: 3 instructions per 32 weights, against 4 per 8 for
 // the float path. bfloat16 holds the integers q < 32 and the bfloat16 activations exactly, so the
@@ -20,7 +20,7 @@
 namespace metalq::cpu::avx512_bf16 {
 namespace {
 
-constexpr int kLanes16 = 32;  // uint16 lanes per 64-byte block
+constexpr int kLanes16 = 32;  // uint16 lanes per block
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = uint32_t(v) << 16;
@@ -38,10 +38,18 @@ inline uint16_t float_to_bf16(float f) {
 
 template <int BITS>
 struct Layout {
-  static constexpr int kPerLane = 16 / BITS;               // values per uint16 lane
+  // A float lane sums the values of two uint16 lanes: a byte each for 1 bit keeps them (16 values) in
+  // one group for every group size.
+  static constexpr int kLaneBits = BITS == 1 ? 8 : 16;
+  static constexpr int kPerLane = kLaneBits / BITS;        // values per uint16 lane
   static constexpr int kValues = kLanes16 * kPerLane;      // values per block
+  static constexpr int kBytes = kLanes16 * kLaneBits / 8;  // bytes per block
   static constexpr int kSub = kPerLane;
   static constexpr int value(int t, int j) { return j * kPerLane + t; }  // value of lane j in sub-vector t
+  METALQ_FN static __m512i load(const uint8_t* p) {
+    if constexpr (kLaneBits == 8) return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_loadu_si512(p);
+  }
 };
 
 // Scratch per row of x: K bfloat16 values in lane order (full blocks, then the tail as is), then the
@@ -91,7 +99,7 @@ METALQ_FN void row_dot(const PackedMatrix& W, int64_t n, const uint8_t* scratch,
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m512i w = _mm512_loadu_si512(wrow + b * 64);
+    const __m512i w = L::load(wrow + b * L::kBytes);
     __m512 d[MR];
     for (int m = 0; m < MR; ++m) d[m] = _mm512_setzero_ps();
     for (int t = 0; t < L::kSub; ++t) {

@@ -31,6 +31,7 @@ typedef int32_t ivec __attribute__((vector_size(VW * 4)));
 typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
 typedef uint8_t bytes_in __attribute__((vector_size(16)));
 typedef uint8_t bytes_lane __attribute__((vector_size(VW * 4)));
+typedef uint16_t halves __attribute__((vector_size(VW * 2)));
 
 METALQ_FN inline fvec splat(float v) { return fvec{} + v; }
 
@@ -56,6 +57,24 @@ METALQ_FN inline float to_float(const void* p, int64_t i) {
   } else {
     return e4m3_value(static_cast<const uint8_t*>(p)[i]);
   }
+}
+
+// Values i .. i + VW of a table of affine scales or biases.
+template <ScalarKind K>
+METALQ_FN inline fvec to_floats(const void* p, int64_t i) {
+  fvec v;
+  if constexpr (K == ScalarKind::f32) {
+    std::memcpy(&v, static_cast<const float*>(p) + i, sizeof v);
+  } else if constexpr (K == ScalarKind::bf16) {
+    halves h;
+    std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
+    const uvec bits = __builtin_convertvector(h, uvec) << 16;
+    std::memcpy(&v, &bits, sizeof v);
+  } else {
+    static_assert(K == ScalarKind::f16, "affine scales and biases are float types");
+    for (int j = 0; j < VW; ++j) v[j] = to_float<K>(p, i + j);
+  }
+  return v;
 }
 
 // Packed codes to the numbers the kernels multiply: the integer itself (affine), the E2M1 value
@@ -107,20 +126,28 @@ METALQ_FN inline uint32_t extract(const uint8_t* row, int64_t k, int bits) {
 // Decoders turn one block of packed bytes into kSub float vectors. Lane j of sub-vector t holds
 // value lane_value(t, j) of the block; callers permute x once instead of shuffling every weight.
 
-// Powers of two: one uint32 word per lane, sub-vector t takes each word's t-th field.
+// Powers of two: one packed word per 32-bit lane, sub-vector t takes each word's t-th field. The words
+// are 32 bits, or 16 for 1 bit, so that a lane's values never span two groups (group sizes are >= 16).
 template <int BITS, ValueCode C>
 struct WordDecoder {
   static constexpr ValueCode kCode = C;
-  static constexpr int kPerWord = 32 / BITS;
+  static constexpr int kWordBits = BITS == 1 ? 16 : 32;
+  static constexpr int kPerWord = kWordBits / BITS;
   static constexpr int kValues = VW * kPerWord;
-  static constexpr int kBytes = VW * 4;
+  static constexpr int kBytes = VW * kWordBits / 8;
   static constexpr int kSub = kPerWord;
   static constexpr int kLaneStride = kPerWord;
   static constexpr int lane_value(int t, int j) { return j * kPerWord + t; }
   using Raw = uvec;
   METALQ_FN static Raw load(const uint8_t* p, const uint8_t*) {
     Raw w;
-    std::memcpy(&w, p, sizeof w);
+    if constexpr (kWordBits == 16) {
+      halves h;
+      std::memcpy(&h, p, sizeof h);
+      w = __builtin_convertvector(h, uvec);
+    } else {
+      std::memcpy(&w, p, sizeof w);
+    }
     return w;
   }
   METALQ_FN static fvec sub(const Raw& w, int t) {
@@ -167,8 +194,9 @@ struct ByteDecoder {
 template <int BITS, ValueCode C>
 using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS, C>, ByteDecoder<BITS, C>>;
 
-// Per-lane scales of block b of row `row` when a block spans several groups: lane j starts at value
-// j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes.
+// Per-lane scales (or biases) of block b of row `row` when a block spans several groups: lane j starts
+// at value j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes (at least one: a
+// lane's values never span two groups).
 template <int kRun, ScalarKind SK>
 METALQ_FN inline fvec lane_scales_run(const void* table, int64_t first) {
   fvec s;
@@ -214,6 +242,23 @@ METALQ_FN void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float
   }
 }
 
+// Block b of a row against MR rows of x (scratch, row stride `stride`): the products of sub-vector t go
+// to chain (u * kSub + t) % kChains of d (always inlined, so that d stays in registers).
+template <class D, int MR, int kChains>
+METALQ_FN __attribute__((always_inline)) inline void block_dot(const uint8_t* wrow, const uint8_t* end, const float* scratch, int64_t stride,
+                                int64_t b, int u, fvec (&d)[MR][kChains]) {
+  auto raw = D::load(wrow + b * D::kBytes, end);
+  for (int t = 0; t < D::kSub; ++t) {
+    const fvec q = D::sub(raw, t);
+    const int c = (u * D::kSub + t) % kChains;
+    for (int m = 0; m < MR; ++m) {
+      fvec xv;
+      std::memcpy(&xv, scratch + m * stride + b * D::kValues + t * VW, sizeof xv);
+      d[m][c] += xv * q;
+    }
+  }
+}
+
 // One row n of W against MR rows of x. The row is walked in segments that share one scale: a group
 // when a block fits in a group (the scale multiplies once per group), else a single block (with
 // per-lane scales). Within a segment the products go to kChains independent accumulators per row of
@@ -233,20 +278,12 @@ METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scr
     fvec d[MR][kChains];
     for (int m = 0; m < MR; ++m)
       for (int c = 0; c < kChains; ++c) d[m][c] = fvec{};
-    for (int64_t bi = 0; bi < seg_blocks; bi += kUnroll) {
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t b = seg * seg_blocks + bi + u;
-        auto raw = D::load(wrow + b * D::kBytes, W.end());
-        for (int t = 0; t < D::kSub; ++t) {
-          const fvec q = D::sub(raw, t);
-          const int c = (u * D::kSub + t) % kChains;
-          for (int m = 0; m < MR; ++m) {
-            fvec xv;
-            std::memcpy(&xv, scratch + m * stride + b * D::kValues + t * VW, sizeof xv);
-            d[m][c] += xv * q;
-          }
-        }
-      }
+    const int64_t b0 = seg * seg_blocks;
+    if (seg_blocks >= kUnroll) {  // then a multiple of kUnroll: both are powers of two
+      for (int64_t bi = 0; bi < seg_blocks; bi += kUnroll)
+        for (int u = 0; u < kUnroll; ++u) block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0 + bi + u, u, d);
+    } else {  // a group of 16 holds 2 byte-decoded blocks
+      for (int64_t bi = 0; bi < seg_blocks; ++bi) block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0 + bi, 0, d);
     }
     const fvec s = per_group ? splat(to_float<SK>(W.scales, n * G + seg))
                              : lane_scales<D, SK>(W, W.scales, n, seg);
@@ -256,6 +293,18 @@ METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scr
       acc[m] += s * dm;
     }
   }
+  // The bias term, VW groups at a time (the last G % VW below).
+  int64_t g = 0;
+  if constexpr (D::kCode == ValueCode::uint) {
+    for (; g + VW <= G; g += VW) {
+      const fvec bias = to_floats<SK>(W.biases, n * G + g);
+      for (int m = 0; m < MR; ++m) {
+        fvec sums;
+        std::memcpy(&sums, scratch + m * stride + K + g, sizeof sums);
+        acc[m] += bias * sums;
+      }
+    }
+  }
   float r[MR];
   for (int m = 0; m < MR; ++m) r[m] = hsum(acc[m]);
   for (int64_t k = blocks * D::kValues; k < K; ++k) {
@@ -263,8 +312,8 @@ METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scr
     for (int m = 0; m < MR; ++m) r[m] += scratch[m * stride + k] * sq;
   }
   if constexpr (D::kCode == ValueCode::uint) {
-    for (int64_t g = 0; g < G; ++g) {
-      float bias = to_float<SK>(W.biases, n * G + g);
+    for (; g < G; ++g) {
+      const float bias = to_float<SK>(W.biases, n * G + g);
       for (int m = 0; m < MR; ++m) r[m] += bias * scratch[m * stride + K + g];
     }
   } else {
@@ -321,32 +370,41 @@ METALQ_FN void qmm_n_cols(const PackedMatrix& W, const float* x, int64_t M, floa
         }
         for (int t = 0; t < D::kSub; ++t)
           for (int j = 0; j < VW; ++j) ym[n + D::lane_value(t, j)] = acc[t][j];
-        // Bias term, once per group of the block: sum_k x_k b[k, g].
-        for (int64_t g = n / W.group_size; D::kCode == ValueCode::uint && g * W.group_size < n + D::kValues; ++g) {
-          float bsum = 0.f;
-          for (int64_t k = 0; k < K; ++k) bsum += xm[k] * to_float<SK>(W.biases, k * G + g);
-          const int64_t lo = g * W.group_size > n ? g * W.group_size : n;
-          const int64_t hi = (g + 1) * W.group_size < n + D::kValues ? (g + 1) * W.group_size : n + D::kValues;
-          for (int64_t c = lo; c < hi; ++c) ym[c] += bsum;
-        }
         n += D::kValues;
       } else {
         float acc = 0.f;
         const int64_t g = n / W.group_size;
-        for (int64_t k = 0; k < K; ++k) {
-          const float v = to_float<SK>(W.scales, k * G + g) * decode_code<D::kCode>(extract(W.w + k * rb, n, W.bits));
-          if constexpr (D::kCode == ValueCode::uint) {
-            acc += xm[k] * (v + to_float<SK>(W.biases, k * G + g));
-          } else {
-            acc += xm[k] * v;
-          }
-        }
+        for (int64_t k = 0; k < K; ++k)
+          acc += xm[k] * (to_float<SK>(W.scales, k * G + g) * decode_code<D::kCode>(extract(W.w + k * rb, n, W.bits)));
         ym[n] = acc;
         ++n;
       }
     }
-    if constexpr (D::kCode != ValueCode::uint)
+    if constexpr (D::kCode == ValueCode::uint) {
+      // The bias term sum_k x_k b[k, g], once per group that [n0, n1) touches, VW groups at a time.
+      const int64_t gs = W.group_size, g1 = (n1 + gs - 1) / gs;
+      for (int64_t g = n0 / gs; g < g1; g += VW) {
+        const int64_t count = g1 - g < VW ? g1 - g : VW;
+        float bsum[VW];
+        if (count == VW) {
+          fvec v = fvec{};
+          for (int64_t k = 0; k < K; ++k) v += splat(xm[k]) * to_floats<SK>(W.biases, k * G + g);
+          std::memcpy(bsum, &v, sizeof v);
+        } else {
+          for (int64_t j = 0; j < count; ++j) {
+            float v = 0.f;
+            for (int64_t k = 0; k < K; ++k) v += xm[k] * to_float<SK>(W.biases, k * G + g + j);
+            bsum[j] = v;
+          }
+        }
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t lo = (g + j) * gs > n0 ? (g + j) * gs : n0, hi = (g + j + 1) * gs < n1 ? (g + j + 1) * gs : n1;
+          for (int64_t c = lo; c < hi; ++c) ym[c] += bsum[j];
+        }
+      }
+    } else {
       for (int64_t c = n0; c < n1; ++c) ym[c] *= W.value_scale;
+    }
   }
 }
 

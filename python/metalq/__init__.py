@@ -23,7 +23,7 @@ from .ops import (
     unpack,
 )
 from .reference import reference_enabled, reference_ops
-from .checkpoint import convert_checkpoint, load_quantized, save_quantized
+from .checkpoint import convert_checkpoint, load_gguf, load_quantized, read_gguf, save_quantized
 from .config import MetalConfig
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
@@ -57,4 +57,6 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "convert_checkpoint",
+    "load_gguf",
+    "read_gguf",
 ]

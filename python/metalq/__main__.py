@@ -15,8 +15,10 @@ Convert a checkpoint directory, streaming one tensor at a time:
   float Hugging Face model    -> Metal-quantized (transformers' MetalConfig layout; --to mlx for mlx-lm's)
   mlx-lm quantized directory  -> Metal-quantized (the offsets renamed biases -> qbiases)
   Metal-quantized directory   -> mlx-lm directory that mlx_lm.load reads
+  GGUF file (llama.cpp)       -> mlx-lm directory (--to metal for a file of one format), tokenizer included;
+                                 group size 16 (Q6_K, Q3_K, Q2_K) fits only the Metal layout
 
-The kind of SOURCE is read from its config.json. The output directory is written under a temporary name
+The kind of SOURCE is read from its config.json (or its .gguf suffix). The output directory is written under a temporary name
 and renamed at the end: an error or Ctrl-C leaves nothing behind. A Metal directory holds one bits/group
 size for every layer: mixed-width mlx-lm checkpoints (mlx_lm.convert --quant-predicate) need --to mlx.
 Metal output that transformers' own loader cannot read (bits 1, 3, 5, 6, a floating-point mode, quantized
@@ -26,6 +28,7 @@ examples:
   python -m metalq convert ./Llama-3.2-1B ./Llama-3.2-1B-metal-4bit --bits 4 --group-size 64 --skip lm_head
   python -m metalq convert ./Llama-3.2-1B-Instruct-4bit ./llama-metal          (an mlx-community download)
   python -m metalq convert ./llama-metal ./llama-mlx --to mlx
+  python -m metalq convert ./Llama-3.2-1B-Instruct-Q4_0.gguf ./llama-mlx     (GGUF: the packed blocks, unchanged)
 """
 
 
@@ -34,14 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     convert = commands.add_parser(
         "convert",
-        help="convert a float, Metal or mlx-lm checkpoint directory",
+        help="convert a float, Metal or mlx-lm checkpoint directory, or a GGUF file",
         description=_CONVERT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("source", metavar="SOURCE", help="input directory (config.json + safetensors)")
+    convert.add_argument("source", metavar="SOURCE",
+                         help="input directory (config.json + safetensors), or a .gguf file")
     convert.add_argument("destination", metavar="DEST", help="output directory (must not exist, see --overwrite)")
     convert.add_argument("--to", choices=("metal", "mlx"), default=None,
-                         help="output spelling (default: metal; mlx for a Metal-quantized source)")
+                         help="output spelling (default: metal; mlx for a Metal-quantized source or a GGUF file)")
     convert.add_argument("--bits", type=int, default=None, choices=SUPPORTED_BITS,
                          help=f"bits per weight for a float source (default {DEFAULT_BITS})")
     convert.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,

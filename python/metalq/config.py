@@ -1,12 +1,15 @@
 """Supported formats (mirrors metal/params.h and metal/fp_format.h) and MetalConfig."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)
 TRANSFORMERS_METAL_BITS = (2, 4, 8)  # what transformers' own MetalConfig accepts
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# 16 is a metalq extension beyond MLX's affine group sizes (llama.cpp's k-quants scale every 16 weights):
+# MLX and mlx-lm cannot read it.
+SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
 
@@ -37,6 +40,12 @@ def check_format(owner: str, bits: int, group_size: int, mode: str = "affine") -
         raise ValueError(f"{owner}: group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
 
 
+def axis_multiple(bits: int, group_size: int) -> int:
+    """What the length of a quantized axis (``in_features``) must be a multiple of: whole groups that fill whole
+    uint32 words. More than ``group_size`` only for group size 16 at 1, 3 or 5 bits (32)."""
+    return math.lcm(group_size, 32 // math.gcd(bits, 32))
+
+
 def resolve_format(owner: str, bits: Optional[int], group_size: Optional[int], mode: str = "affine") -> tuple[int, int]:
     """``(bits, group_size)`` with ``None`` replaced by ``mode``'s default, checked by :func:`check_format`."""
     if mode not in MODE_DEFAULTS:
@@ -55,7 +64,8 @@ class MetalConfig:
     Args:
         bits: bits per weight, one of 1, 2, 3, 4, 5, 6, 8 (transformers itself accepts only 2, 4, 8); by
             default the mode's (4, or 8 for mxfp8).
-        group_size: consecutive input features sharing one scale (and bias): 32, 64 or 128 in affine mode;
+        group_size: consecutive input features sharing one scale (and bias): 16, 32, 64 or 128 in affine mode
+            (16 is metalq's extension, which MLX and mlx-lm cannot read);
             by default the mode's (64 affine, 32 mxfp4 / mxfp8, 16 nvfp4).
         modules_to_not_convert: module names left in float: a full name, a prefix ending at a module
             boundary (``"model.layers.0"``) or a suffix starting at one (``"lm_head"``). ``None`` (the default)

@@ -24,6 +24,8 @@ class MetalEmbedding(nn.Module):
     Args:
         num_embeddings, embedding_dim: as ``nn.Embedding``; ``embedding_dim % group_size == 0``.
         padding_idx: kept for reference (quantized rows are frozen, so it has no effect on training).
+        embed_scale: a factor every looked-up row is multiplied by (in the output dtype), as transformers' scaled
+            word embeddings do (Gemma's ``sqrt(hidden_size)``); not applied by :meth:`as_linear`.
         bits, group_size, mode: the quantization format (see :class:`metalq.MetalConfig`).
         dtype: float dtype of ``scales``/``qbiases`` and of the output (default: torch's default dtype).
         device: where to allocate; ``"meta"`` builds a shell for ``load_state_dict(..., assign=True)``.
@@ -44,6 +46,7 @@ class MetalEmbedding(nn.Module):
         dtype: Optional[torch.dtype] = None,
         device=None,
         mode: str = "affine",
+        embed_scale: Optional[float] = None,
     ):
         super().__init__()
         register_packed_buffers(self, "MetalEmbedding", num_embeddings, ("embedding_dim", embedding_dim), bits,
@@ -51,6 +54,17 @@ class MetalEmbedding(nn.Module):
         self.float_dtype = dtype or torch.get_default_dtype()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
+
+    @staticmethod
+    def scale_of(embedding: nn.Module) -> Optional[float]:
+        """The factor a transformers scaled word embedding multiplies its rows by (its ``embed_scale``), or None."""
+        scale = getattr(embedding, "scalar_embed_scale", None)  # a float, known on the meta device too
+        if scale is None:
+            tensor = getattr(embedding, "embed_scale", None)
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                scale = tensor.item()
+        return None if scale is None else float(scale)
 
     @classmethod
     def from_embedding(
@@ -70,6 +84,7 @@ class MetalEmbedding(nn.Module):
             dtype=weight.dtype,
             device="meta",  # the buffers are replaced just below
             mode=mode,
+            embed_scale=cls.scale_of(embedding),
         )
         if mode == "affine":
             layer.weight, layer.scales, layer.qbiases = affine_quantize(weight, layer.group_size, layer.bits)
@@ -89,7 +104,8 @@ class MetalEmbedding(nn.Module):
         flat = ids.reshape(-1)
         # index_select on the int32 view: uint32 has few kernels on CPU and MPS
         rows = self.weight.view(torch.int32).index_select(0, flat).view(torch.uint32)
-        return self._dequantize_rows(rows, flat).reshape(*ids.shape, self.embedding_dim)
+        out = self._dequantize_rows(rows, flat).reshape(*ids.shape, self.embedding_dim)
+        return out if self.embed_scale is None else out * torch.tensor(self.embed_scale, dtype=out.dtype)
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ dequantize(table).T``: scores against every row, for an output head tied to this table.
@@ -109,6 +125,10 @@ class MetalEmbedding(nn.Module):
     def dequantize(self) -> nn.Embedding:
         """A float ``nn.Embedding`` holding the dequantized table, on the device of ``scales``, in their dtype
         (affine) or in ``float_dtype`` (the floating-point modes)."""
+        if self.embed_scale is not None:
+            raise ValueError(f"MetalEmbedding.dequantize: this table scales its rows by embed_scale={self.embed_scale:g} "
+                             f"(a transformers scaled word embedding), which a plain nn.Embedding cannot; load the "
+                             f"float model again instead")
         weight = self._dequantize_rows(self.weight, None)
         embedding = nn.Embedding(
             self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=weight.dtype, device="meta"
@@ -118,6 +138,7 @@ class MetalEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        pad += "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}, group_size={self.group_size}"
             + ("" if self.mode == "affine" else f", mode={self.mode}")

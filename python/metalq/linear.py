@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import resolve_format
+from .config import axis_multiple, resolve_format
 from .ops import affine_dequantize, affine_qmm_t, affine_quantize, fp_dequantize, fp_qmm_t, fp_quantize
 
 
@@ -19,8 +19,10 @@ def register_packed_buffers(module: nn.Module, owner: str, rows: Union[int, tupl
     a stack of matrices; ``cols`` is ``(argument name, value)`` for the error message."""
     bits, group_size = resolve_format(owner, bits, group_size, mode)
     name, n = cols
-    if n % group_size:
-        raise ValueError(f"{owner}: {name}={n} must be divisible by group_size={group_size}")
+    multiple = axis_multiple(bits, group_size)
+    if n % multiple:
+        words = "" if multiple == group_size else f" and {name} * bits={bits} by 32 (whole uint32 words), so by {multiple}"
+        raise ValueError(f"{owner}: {name}={n} must be divisible by group_size={group_size}{words}")
     module.bits, module.group_size, module.mode = bits, group_size, mode
     rows = (rows,) if isinstance(rows, int) else tuple(rows)
     groups = (*rows, n // group_size)

@@ -46,8 +46,10 @@ def affine_quantize(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, bits:
     """Quantize ``w`` group-wise along its last axis, bit-identically to ``mlx.core.quantize``.
 
     Args:
-        w: ``(..., rows, K)`` float32, float16 or bfloat16, finite, ``K % group_size == 0``.
-        group_size: values per (scale, bias) pair: 32, 64 or 128.
+        w: ``(..., rows, K)`` float32, float16 or bfloat16, finite, ``K % group_size == 0`` and
+            ``K * bits % 32 == 0`` (whole uint32 words: a further rule only at group size 16).
+        group_size: values per (scale, bias) pair: 16, 32, 64 or 128 (16 is metalq's, MLX has no such group
+            size: each group of 16 gets MLX's rule).
         bits: bits per value: 1, 2, 3, 4, 5, 6 or 8.
 
     Returns:

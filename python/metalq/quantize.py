@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import MetalConfig
+from .config import MetalConfig, axis_multiple
 from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
 from .moe import MetalExperts, MetalSwitchLinear, expert_projections, require_affine
@@ -60,8 +60,8 @@ def quantize_(
             its weight with a converted embedding (a tied output head) becomes a :class:`MetalTiedHead`
             reading the quantized table, so the tie survives.
 
-    Layers whose ``in_features`` (for experts: any projection's) is not divisible by their ``group_size`` stay
-    float, named in one warning. Routers of MoE blocks are not ``nn.Linear`` in transformers and stay float.
+    Layers whose ``in_features`` (for experts: any projection's) is not divisible by their ``group_size`` (for
+    group size 16 at 1, 3 or 5 bits: by 32, whole uint32 words) stay float, named in one warning. Routers of MoE blocks are not ``nn.Linear`` in transformers and stay float.
     On error nothing is replaced: every layer is quantized before the first one is swapped in.
 
     Example:
@@ -231,9 +231,11 @@ def _plan(model: nn.Module, predicate, choose, make, caller: str):
         if config is None:
             continue
         features = _input_features(layer)
-        if any(n % config.group_size for n in features):
+        multiple = axis_multiple(config.bits, config.group_size)
+        if any(n % multiple for n in features):
             shown = features[0] if len(features) == 1 else features
-            misfits.append(f"{fqns[0]} (in_features={shown}, group_size={config.group_size})")
+            words = "" if multiple == config.group_size else f", bits={config.bits}: a multiple of {multiple}"
+            misfits.append(f"{fqns[0]} (in_features={shown}, group_size={config.group_size}{words})")
             continue
         plan.append((fqns, layer, partial(make, layer, config.bits, config.group_size, mode=config.mode)))
     return plan, misfits
@@ -243,7 +245,7 @@ def _warn_misfits(misfits: list[str], caller: str) -> None:
     if misfits:
         warnings.warn(
             f"{caller}: kept {len(misfits)} layer(s) in float because in_features is not divisible by "
-            f"group_size: {', '.join(misfits)}",
+            f"group_size (or does not fill whole uint32 words): {', '.join(misfits)}",
             stacklevel=4,
         )
 

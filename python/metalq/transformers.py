@@ -15,6 +15,7 @@ transformers' releases (5.24, 5.25) name a Metal layer's packed tensor ``weight`
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,8 +24,8 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CONFIG_NAME, checkpoint_kind, load_quantized, read_config
-
-_QUANTIZATION_KEYS = ("quantization", "quantization_config")
+from .checkpoint.gguf import GGUF_SUFFIX, load_gguf_into, open_gguf
+from .checkpoint.layout import QUANTIZATION_KEYS
 
 
 # ---- transformers' own MetalLinear -> metalq -------------------------------------------------------------
@@ -119,45 +120,60 @@ def from_pretrained(
     model_class: Any = None,
     attn_implementation: Optional[str] = None,
     strict: bool = True,
+    dequantize_unsupported: bool = False,
 ) -> nn.Module:
-    """Load a quantized checkpoint directory as a transformers model that runs quantized through metalq.
+    """Load a quantized checkpoint directory or a GGUF file as a transformers model that runs quantized through metalq.
 
-    The architecture is built from ``config.json`` on the meta device (no float weights are ever
-    allocated), then :func:`metalq.checkpoint.load_quantized` swaps in ``MetalLinear`` for every quantized
+    The architecture is built on the meta device (no float weights are ever allocated) from ``config.json``, or
+    from a GGUF file's metadata through transformers' own GGUF config mapping; then :func:`metalq.load_quantized`
+    (or, for GGUF, :func:`metalq.checkpoint.load_gguf_into`) swaps in ``MetalLinear`` for every quantized
     Linear, ``MetalEmbedding`` for quantized embeddings and ``MetalTiedHead`` for an output head tied to a
     quantized embedding, following the checkpoint's ``quantization_config`` (transformers' Metal layout,
-    ``qbiases``, the packed tensor spelled ``weight`` or ``qweight``) or mlx-lm's ``quantization`` block
-    (``biases``, per-layer overrides; a layer is quantized exactly when ``{path}.scales`` is present).
-    Non-persistent buffers (rotary frequencies) are computed.
+    ``qbiases``, the packed tensor spelled ``weight`` or ``qweight``), mlx-lm's ``quantization`` block
+    (``biases``, per-layer overrides; a layer is quantized exactly when ``{path}.scales`` is present) or each GGUF
+    tensor's ggml type. Non-persistent buffers (rotary frequencies) are computed.
 
     Args:
-        path: a local directory with ``config.json`` and ``model.safetensors`` (or shards).
+        path: a local directory with ``config.json`` and ``model.safetensors`` (or shards), or a ``.gguf`` file.
         dtype: float dtype of activations, norms and scales (default: the config's ``dtype`` /
-            ``torch_dtype``, else float32). The packed weights are unaffected.
+            ``torch_dtype``, else float32; float32 for GGUF, which keeps llama.cpp's values exactly: a lower
+            dtype rounds the scales as it rounds the activations). The packed weights are unaffected.
         device: where to put the model (default: ``"mps"`` when available, else ``"cpu"``).
         model_class: a transformers auto class or model class (default ``AutoModelForCausalLM``).
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ...).
         strict: fail on checkpoint tensors the model has no place for.
+        dequantize_unsupported: GGUF only: load tensors of ggml types metalq has no format for (IQ*, TQ*, ...)
+            dequantized to float with a warning, instead of raising ``ValueError`` naming the first.
 
     Returns:
         The model in eval mode; ``generate`` works as usual (greedy, sampling, batched with left padding).
 
     Example:
         >>> model = metalq.transformers.from_pretrained("Qwen2.5-0.5B-Instruct-4bit")  # an mlx_lm.convert output
+        >>> model = metalq.transformers.from_pretrained("Llama-3.2-1B-Instruct-Q4_K_M.gguf")
         >>> out = model.generate(**tokenizer(["Hello"], return_tensors="pt"), max_new_tokens=20)
     """
     import transformers
 
     path = Path(path)
-    raw = read_config(path)
-    if checkpoint_kind(raw) is None:
-        raise ValueError(
-            f"{path / CONFIG_NAME}: not a quantized checkpoint (no 'quantization_config' or 'quantization'); "
-            "load it with transformers and quantize it with metalq.quantize_"
-        )
-    dtype = dtype or _config_dtype(raw) or torch.float32
+    if path.suffix == GGUF_SUFFIX:
+        open_gguf(path)  # a missing or broken file is reported as such, before transformers reads it
+        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        dtype = dtype or torch.float32
+        load = partial(load_gguf_into, path=path, dequantize_unsupported=dequantize_unsupported)
+    else:
+        if dequantize_unsupported:
+            raise ValueError("from_pretrained: dequantize_unsupported applies to GGUF files only")
+        raw = read_config(path)
+        if checkpoint_kind(raw) is None:
+            raise ValueError(
+                f"{path / CONFIG_NAME}: not a quantized checkpoint (no 'quantization_config' or 'quantization'); "
+                "load it with transformers and quantize it with metalq.quantize_"
+            )
+        dtype = dtype or _config_dtype(raw) or torch.float32
+        config = _model_config(raw)
+        load = partial(load_quantized, directory=path, strict=strict)
     device = torch.device(device or ("mps" if torch.backends.mps.is_available() else "cpu"))
-    config = _model_config(raw)
     model_class = model_class or transformers.AutoModelForCausalLM
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with torch.device("meta"):
@@ -165,7 +181,7 @@ def from_pretrained(
             model = model_class.from_config(config, dtype=dtype, **kwargs)
         else:  # a concrete model class
             model = model_class._from_config(config, dtype=dtype, **kwargs)
-    load_quantized(model, path, strict=strict)
+    load(model)
     _materialize_buffers(model)
     model.to(device=device, dtype=dtype)  # floating tensors only: the packed uint32 weights keep their dtype
     generation = path / "generation_config.json"
@@ -185,7 +201,7 @@ def _model_config(raw: dict[str, Any]):
     """The transformers config of ``config.json`` without its quantization entries (metalq handles those)."""
     from transformers import AutoConfig
 
-    fields = {key: value for key, value in raw.items() if key not in _QUANTIZATION_KEYS}
+    fields = {key: value for key, value in raw.items() if key not in QUANTIZATION_KEYS}
     if "model_type" not in fields:
         raise ValueError(f"{CONFIG_NAME}: no 'model_type': cannot tell which transformers architecture to build")
     model_type = fields.pop("model_type")

@@ -389,7 +389,7 @@ int main(int argc, char** argv) {
   if (__builtin_cpu_supports("avx512bf16")) {
     Rng rng(4321);
     for (int bits : {1, 2, 4, 8})
-      for (int gs : {32, 64, 128})
+      for (int gs : metalq::kSupportedGroupSizes)
         for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs), int64_t(1024)})
           for (int64_t M : {1, 3, 9}) {
             const int before = failures;

@@ -31,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import _write_json, atomic_directory
+from ..checkpoint import atomic_directory, write_json
 from .layers import quantized_linear_types
 
 ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's file names
@@ -329,5 +329,5 @@ def save_mlx_adapter(
     }
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
-        _write_json(tmp / ADAPTER_CONFIG, settings)
+        write_json(tmp / ADAPTER_CONFIG, settings)
     return Path(directory)
