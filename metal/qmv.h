@@ -251,8 +251,8 @@ METAL_FUNC void qmv_wide_impl(const device uint8_t* w, F format, const device T*
 
 // y[m, col0 + j] for the kQvmColumnsPerSimdgroup columns j of one simdgroup, over K rows
 // [k_begin, k_end). Lane l takes K rows k_begin + l, + 32, ...: one x value, and per run of columns
-// sharing a group (all 32 when group_size >= 32, else nvfp4's 16) the row's scale and bias and the
-// run's decoded weights. N is a multiple of group_size, so a run lies wholly inside or past N. The 32
+// sharing a group (all 32 when group_size >= 32, else 16) the row's scale and bias and the run's
+// decoded weights. N is a multiple of group_size, so a run lies wholly inside or past N. The 32
 // column sums are reduced with simd_sum; lane j keeps and writes column j.
 template <typename F, typename OutT, typename T = typename F::T>
 METAL_FUNC void qvm_impl(const device uint8_t* w, F format, const device T* x, device OutT* y, uint N, uint K,
@@ -462,7 +462,7 @@ template <typename F, typename T = typename F::T>
 }
 
 // x @ W for small M: grid (M, ceil(N / 64)); threadgroup (m, t) computes y[m, 64t .. 64t+64), 32
-// columns per simdgroup (a simdgroup past N returns; one straddling N, only with nvfp4's group of 16,
+// columns per simdgroup (a simdgroup past N returns; one straddling N, only with groups of 16,
 // skips the runs past it).
 template <typename F, typename T = typename F::T>
 [[kernel]] void qvm(

@@ -1,12 +1,13 @@
 // x @ W.T for bfloat16 activations on CPUs with AVX512-BF16 (bits 1, 2, 4, 8).
 //
 // A block of W is read as 32 uint16 lanes (64 bytes; 32 bytes for 1 bit, a byte per lane); each lane
-// holds 16/bits (1 bit: 8) consecutive values, and sub-vector t takes every lane's t-th field. One vpermw maps the fields straight to bfloat16 (the
-// table only looks at the low 5 bits, so no mask is needed) and one vdpbf16ps multiplies 32 of them
-// with x and adds pairs into 16 float accumulators: 3 instructions per 32 weights, against 4 per 8 for
-// the float path. bfloat16 holds the integers q < 32 and the bfloat16 activations exactly, so the
-// products are exact and accumulate in float32. An 8-bit value q = lo + 16 hi takes two lookups (lo and
-// 16 hi are exact too) and two dot products. x is laid out once per call in the lane order.
+// holds 16/bits (1 bit: 8) consecutive values, and sub-vector t takes every lane's t-th field. One
+// vpermw maps the fields straight to bfloat16 (the table only looks at the low 5 bits, so no mask is
+// needed) and one vdpbf16ps multiplies 32 of them with x and adds pairs into 16 float accumulators:
+// 3 instructions per 32 weights, against 4 per 8 for the float path. bfloat16 holds the integers
+// q < 32 and the bfloat16 activations exactly, so the products are exact and accumulate in float32. An
+// 8-bit value q = lo + 16 hi takes two lookups (lo and 16 hi are exact too) and two dot products. x is
+// laid out once per call in the lane order.
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)

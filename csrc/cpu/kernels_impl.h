@@ -59,7 +59,7 @@ METALQ_FN inline float to_float(const void* p, int64_t i) {
   }
 }
 
-// Values i .. i + VW of a table of affine scales or biases.
+// Values i .. i + VW of a table of affine biases.
 template <ScalarKind K>
 METALQ_FN inline fvec to_floats(const void* p, int64_t i) {
   fvec v;
@@ -71,7 +71,7 @@ METALQ_FN inline fvec to_floats(const void* p, int64_t i) {
     const uvec bits = __builtin_convertvector(h, uvec) << 16;
     std::memcpy(&v, &bits, sizeof v);
   } else {
-    static_assert(K == ScalarKind::f16, "affine scales and biases are float types");
+    static_assert(K == ScalarKind::f16, "affine biases are float types");
     for (int j = 0; j < VW; ++j) v[j] = to_float<K>(p, i + j);
   }
   return v;
@@ -194,9 +194,9 @@ struct ByteDecoder {
 template <int BITS, ValueCode C>
 using FastDecoder = std::conditional_t<(32 % BITS == 0), WordDecoder<BITS, C>, ByteDecoder<BITS, C>>;
 
-// Per-lane scales (or biases) of block b of row `row` when a block spans several groups: lane j starts
-// at value j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes (at least one: a
-// lane's values never span two groups).
+// Per-lane scales of block b of row `row` when a block spans several groups: lane j starts at value
+// j*kLaneStride, so each group covers a run of group_size/kLaneStride lanes (at least one: a lane's
+// values never span two groups).
 template <int kRun, ScalarKind SK>
 METALQ_FN inline fvec lane_scales_run(const void* table, int64_t first) {
   fvec s;
@@ -245,8 +245,9 @@ METALQ_FN void prepare_x(const PackedMatrix& W, const float* x, int64_t M, float
 // Block b of a row against MR rows of x (scratch, row stride `stride`): the products of sub-vector t go
 // to chain (u * kSub + t) % kChains of d (always inlined, so that d stays in registers).
 template <class D, int MR, int kChains>
-METALQ_FN __attribute__((always_inline)) inline void block_dot(const uint8_t* wrow, const uint8_t* end, const float* scratch, int64_t stride,
-                                int64_t b, int u, fvec (&d)[MR][kChains]) {
+METALQ_FN __attribute__((always_inline)) inline void block_dot(const uint8_t* wrow, const uint8_t* end,
+                                                               const float* scratch, int64_t stride, int64_t b, int u,
+                                                               fvec (&d)[MR][kChains]) {
   auto raw = D::load(wrow + b * D::kBytes, end);
   for (int t = 0; t < D::kSub; ++t) {
     const fvec q = D::sub(raw, t);
@@ -282,8 +283,9 @@ METALQ_FN inline void row_dot(const PackedMatrix& W, int64_t n, const float* scr
     if (seg_blocks >= kUnroll) {  // then a multiple of kUnroll: both are powers of two
       for (int64_t bi = 0; bi < seg_blocks; bi += kUnroll)
         for (int u = 0; u < kUnroll; ++u) block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0 + bi + u, u, d);
-    } else {  // a group of 16 holds 2 byte-decoded blocks
-      for (int64_t bi = 0; bi < seg_blocks; ++bi) block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0 + bi, 0, d);
+    } else {  // only a group of 16 of byte-decoded blocks (kUnroll = 4 for one row of x): its 2 blocks
+      block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0, 0, d);
+      block_dot<D, MR, kChains>(wrow, W.end(), scratch, stride, b0 + 1, 1, d);
     }
     const fvec s = per_group ? splat(to_float<SK>(W.scales, n * G + seg))
                              : lane_scales<D, SK>(W, W.scales, n, seg);
