@@ -492,18 +492,6 @@ def test_grad_through_linear_with_bias(dtype):
     assert ((bias.grad.double() - 2 * y64.sum(0)).abs() <= 3 * TOL[dt] * 2 * mag.sum(0)).all()
 
 
-@pytest.mark.parametrize("frozen", ("scales", "biases"))
-@pytest.mark.parametrize("op", TRANSPOSE)
-def test_grad_for_weight_side_is_refused(op, frozen):
-    transpose = TRANSPOSE[op]
-    wq, s, b = quantized_weight(32, 64, 32, 4, torch.float32)
-    s, b = s.clone().requires_grad_(frozen == "scales"), b.clone().requires_grad_(frozen == "biases")
-    x = random_x((2, 64 if transpose else 32), torch.float32).requires_grad_()
-    y = qmm(transpose)(x, wq, s, b, 32, 4)
-    with pytest.raises(RuntimeError, match="no gradient with respect to the quantized weight, scales or biases"):
-        y.sum().backward()
-
-
 def test_packed_weight_cannot_require_grad():
     with pytest.raises(RuntimeError, match="floating point"):
         torch.zeros(4, 8, dtype=torch.uint32).requires_grad_()

@@ -348,10 +348,11 @@ def test_gradients_for_x(dtype):
         (gx_op,) = torch.autograd.grad(op(x), x, g)
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         assert gx_ref.shape == x.shape and torch.allclose(gx_ref.float(), gx_op.float(), atol=tol, rtol=tol)
-    # the quantized weight stays frozen, as with the ops
+    # the fp-mode tensors stay frozen, as with the ops (affine scales and biases learn: test_scale_grads.py)
     x = torch.randn(2, 128, dtype=dtype, requires_grad=True)
+    global_scale = torch.tensor(1.0, requires_grad=True)
     with pytest.raises(RuntimeError, match="frozen"):
-        R.affine_qmm_t(x, wq, s.clone().requires_grad_(), b, 64, 3).sum().backward()
+        R.fp_qmm_t(x, fq, fs, "nvfp4", global_scale).sum().backward()
 
 
 def test_meta_tensors_and_compile():

@@ -317,19 +317,28 @@ def unpack(w: torch.Tensor, bits: int) -> torch.Tensor:
     return _ops.unpack(w, bits)
 
 
-# ---- autograd: gradients flow to x only; the packed weight, scales and biases are frozen ----------
+# ---- autograd -----------------------------------------------------------------------------------
+# Gradients reach x and, on request, the affine scales and biases (learning them with the codes fixed, as
+# DWQ does); the packed codes (uint32, which autograd never differentiates) and every fp-mode tensor are frozen.
+
+# dW, the gradient of the dequantized weight, is formed this many elements at a time (a block of rows) on
+# its way to the per-group reductions: bounded memory for any layer size.
+GRAD_WEIGHT_CHUNK_ELEMENTS = 1 << 24
+
 
 def _setup_qmm_context(ctx, inputs, output):
     x, w, scales, biases, group_size, bits = inputs
-    ctx.save_for_backward(w, scales, biases)
+    learns_groups = scales.requires_grad or biases.requires_grad
+    ctx.save_for_backward(w, scales, biases, x if learns_groups else None)
     ctx.group_size, ctx.bits, ctx.x_shape = group_size, bits, x.shape
 
 
-def _reject_weight_grads(ctx):
-    if any(ctx.needs_input_grad[1:4]):
+def _reject_frozen_grads(ctx, positions: slice, what: str) -> None:
+    """A gradient asked for an input at ``positions`` (the frozen ones, named ``what``) is an error."""
+    if any(ctx.needs_input_grad[positions]):
         raise RuntimeError(
-            "metalq: no gradient with respect to the quantized weight, scales or biases; they are frozen "
-            "(train an adapter such as LoRA on top, or dequantize the layer first)."
+            f"metalq: no gradient with respect to the quantized {what}; they are frozen (train an adapter such "
+            "as LoRA on top, learn the affine scales and biases with the codes fixed, or dequantize the layer first)."
         )
 
 
@@ -343,12 +352,45 @@ def _grad_x(ctx, grad, w, times_weight):
     return times_weight(grad).sum_to_size(ctx.x_shape)
 
 
-def _affine_qmm_backward(transposed_op):
+def _grad_scales_biases(ctx, grad, x, w, scales, transposed):
+    """d/dscales and d/dbiases of an affine product whose weight is ``W = scales * q + biases`` per group.
+
+    With dW the gradient of W in its stored orientation (``grad^T x`` for the transposed product,
+    ``x^T grad`` otherwise), ``dscales = sum over a group of dW * q`` and ``dbiases = sum over a group of
+    dW``. dW is built in float32 a block of rows at a time and summed over the batch dimensions that
+    broadcast the weight."""
+    need_scales, need_biases = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    if not (need_scales or need_biases):
+        return None, None
+    x, grad = x.float(), grad.float()
+    if w.dim() == 2:  # one matrix serves every leading dimension of x
+        x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    elif x.dim() == 1:
+        x, grad = x.unsqueeze(0), grad.unsqueeze(-2)
+    left, right = (grad, x) if transposed else (x, grad)  # dW = left^T @ right: (rows, columns)
+    rows, groups = scales.shape[-2:]
+    group_size = ctx.group_size
+    step = max(1, GRAD_WEIGHT_CHUNK_ELEMENTS // (groups * group_size))
+    grad_scales = torch.empty(scales.shape, dtype=torch.float32, device=scales.device) if need_scales else None
+    grad_biases = torch.empty(scales.shape, dtype=torch.float32, device=scales.device) if need_biases else None
+    for start in range(0, rows, step):
+        block = slice(start, min(start + step, rows))
+        d_weight = (left[..., block].mT @ right).sum_to_size(*scales.shape[:-2], block.stop - start, groups * group_size)
+        d_weight = d_weight.unflatten(-1, (groups, group_size))
+        if need_biases:
+            grad_biases[..., block, :] = d_weight.sum(-1)
+        if need_scales:
+            codes = unpack(w[..., block, :], ctx.bits).unflatten(-1, (groups, group_size))
+            grad_scales[..., block, :] = (d_weight * codes).sum(-1)
+    return tuple(None if g is None else g.to(scales.dtype) for g in (grad_scales, grad_biases))
+
+
+def _affine_qmm_backward(transposed_op, transposed):
     def backward(ctx, grad):
-        _reject_weight_grads(ctx)
-        w, scales, biases = ctx.saved_tensors
+        w, scales, biases, x = ctx.saved_tensors
         grad_x = _grad_x(ctx, grad, w, lambda g: transposed_op(g, w, scales, biases, ctx.group_size, ctx.bits))
-        return grad_x, None, None, None, None, None
+        grad_scales, grad_biases = _grad_scales_biases(ctx, grad, x, w, scales, transposed)
+        return grad_x, None, grad_scales, grad_biases, None, None
 
     return backward
 
@@ -372,7 +414,7 @@ def _gather_qmm_backward_using(gather_qmm):
 def _gather_qmm_backward(ctx, grad, gather_qmm=None):
     # out[i] = x[lhs[i]] @ B[rhs[i]], so dx[j] = sum over i with lhs[i] == j of grad[i] @ B[rhs[i]].T: the
     # gather product of grad against the same experts (transpose flipped), scatter-added back over lhs.
-    _reject_weight_grads(ctx)
+    _reject_frozen_grads(ctx, slice(1, 4), "weight, scales or biases of a gather product")
     if not ctx.needs_input_grad[0]:
         return (None,) * 10
     w, scales, biases, lhs_indices, rhs_indices = ctx.saved_tensors
@@ -391,14 +433,12 @@ def _gather_qmm_backward(ctx, grad, gather_qmm=None):
     return (grad_x.view(ctx.x_shape),) + (None,) * 9
 
 
-torch.library.register_autograd("metalq::affine_qmm_t", _affine_qmm_backward(_ops.affine_qmm_n),
+torch.library.register_autograd("metalq::affine_qmm_t", _affine_qmm_backward(_ops.affine_qmm_n, transposed=True),
                                 setup_context=_setup_qmm_context)
-torch.library.register_autograd("metalq::affine_qmm_n", _affine_qmm_backward(_ops.affine_qmm_t),
+torch.library.register_autograd("metalq::affine_qmm_n", _affine_qmm_backward(_ops.affine_qmm_t, transposed=False),
                                 setup_context=_setup_qmm_context)
 torch.library.register_autograd("metalq::affine_gather_qmm", _gather_qmm_backward,
                                 setup_context=_setup_gather_qmm_context)
-
-
 
 
 def _setup_fp_qmm_context(ctx, inputs, output):
@@ -407,17 +447,9 @@ def _setup_fp_qmm_context(ctx, inputs, output):
     ctx.mode, ctx.x_shape = mode, x.shape
 
 
-def _reject_fp_weight_grads(ctx):
-    if any(ctx.needs_input_grad[1:]):  # w, scales, global_scale (mode is a string)
-        raise RuntimeError(
-            "metalq: no gradient with respect to the quantized weight, scales or global scale; they are frozen "
-            "(train an adapter such as LoRA on top, or dequantize the layer first)."
-        )
-
-
 def _fp_qmm_backward(transposed_op):
     def backward(ctx, grad):
-        _reject_fp_weight_grads(ctx)
+        _reject_frozen_grads(ctx, slice(1, None), "weight, scales or global scale of an fp mode")
         w, scales, global_scale = ctx.saved_tensors
         grad_x = _grad_x(ctx, grad, w, lambda g: transposed_op(g, w, scales, ctx.mode, global_scale))
         return grad_x, None, None, None, None

@@ -455,8 +455,8 @@ def _gather_qmm(x, w, scales, biases, lhs_indices, rhs_indices, transpose, group
     return y.to(x.dtype).reshape(out.shape)
 
 
-# Autograd as the ops define it (ops.py): gradients for x only, the transposed reference product; the
-# packed weight, scales and biases are frozen (a gradient for them raises the ops' error).
+# Autograd as the ops define it (ops.py): gradients for x (the transposed reference product) and the affine
+# scales and biases; the packed codes are frozen (a gradient for them raises the ops' error).
 
 class _AffineQmmT(torch.autograd.Function):
     @staticmethod
@@ -464,7 +464,7 @@ class _AffineQmmT(torch.autograd.Function):
         return _affine_qmm("affine_qmm_t", x, w, scales, biases, group_size, bits, True)
 
     setup_context = staticmethod(_wrappers._setup_qmm_context)
-    backward = staticmethod(_wrappers._affine_qmm_backward(lambda *a: affine_qmm_n(*a)))
+    backward = staticmethod(_wrappers._affine_qmm_backward(lambda *a: affine_qmm_n(*a), transposed=True))
 
 
 class _AffineQmmN(torch.autograd.Function):
@@ -473,7 +473,7 @@ class _AffineQmmN(torch.autograd.Function):
         return _affine_qmm("affine_qmm_n", x, w, scales, biases, group_size, bits, False)
 
     setup_context = staticmethod(_wrappers._setup_qmm_context)
-    backward = staticmethod(_wrappers._affine_qmm_backward(lambda *a: affine_qmm_t(*a)))
+    backward = staticmethod(_wrappers._affine_qmm_backward(lambda *a: affine_qmm_t(*a), transposed=False))
 
 
 class _FpQmmT(torch.autograd.Function):
