@@ -29,6 +29,7 @@ from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
 from .moe import MetalExperts, MetalSwitchLinear
 from .quantize import dequantize_, quantize_, replace_with_metal_linear
+from .calibrate import calibrate
 
 __all__ = [
     "affine_quantize",
@@ -52,6 +53,7 @@ __all__ = [
     "MetalSwitchLinear",
     "MetalExperts",
     "quantize_",
+    "calibrate",
     "dequantize_",
     "replace_with_metal_linear",
     "save_quantized",
