@@ -29,7 +29,7 @@ from .embedding import MetalEmbedding, MetalTiedHead
 from .linear import MetalLinear
 from .moe import MetalExperts, MetalSwitchLinear
 from .quantize import dequantize_, quantize_, replace_with_metal_linear
-from .calibrate import calibrate
+from .calibration import calibrate
 
 __all__ = [
     "affine_quantize",

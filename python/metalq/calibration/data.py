@@ -70,8 +70,11 @@ def _tokenized(model, texts, tokenizer, batch_size, max_length):
         return [model.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     if tokenizer is None:
         raise TypeError("calibration: texts need a tokenizer; pass tokenizer=AutoTokenizer.from_pretrained(...)")
-    return [dict(tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_length)) for i in range(0, len(texts), batch_size)]
+    # without a pad token (common for causal LMs) one text per batch: padding is never invented
+    pads = getattr(tokenizer, "pad_token", None) is not None
+    step = batch_size if pads else 1
+    return [dict(tokenizer(texts[i:i + step], return_tensors="pt", padding=pads, truncation=True,
+                           max_length=max_length)) for i in range(0, len(texts), step)]
 
 
 def _check_batch(model: nn.Module, batch, index: int) -> None:

@@ -29,7 +29,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> t
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, dtype=None,
                   damping: float = DAMPING):
     """``(codes, scales, biases)`` of ``w`` (``(rows, cols)``) by GPTQ with the input Hessian ``hessian``
-    (``(cols, cols)``); shapes and dtypes as :func:`metalq.calibrate.clip.clip_search`."""
+    (``(cols, cols)``); shapes and dtypes as :func:`metalq.calibration.clip.clip_search`."""
     dtype = dtype or w.dtype
     rows, cols = w.shape
     block_columns = max(group_size, BLOCK_COLUMNS - BLOCK_COLUMNS % group_size)
