@@ -29,7 +29,8 @@ from .gptq import DAMPING, gptq_quantize
 from .mixed import bits_per_weight, choose_formats
 
 METHODS = ("rtn", "clip", "gptq")
-DEFAULT_CANDIDATES = tuple((bits, group_size) for bits in (2, 3, 4, 5, 6, 8) for group_size in (32, 64, 128))
+# 2 bits is left out: a layer the per-layer estimate calls insensitive at 2 bits still costs the model dearly
+DEFAULT_CANDIDATES = tuple((bits, group_size) for bits in (3, 4, 5, 6, 8) for group_size in (32, 64, 128))
 
 
 def calibrate(

@@ -56,7 +56,7 @@ def choose_formats(layers: dict, bpw: float, candidates: list[tuple[int, int]]) 
             extra = (next_cost - cost) * sizes[name]
             if spent + extra > budget + 1e-9:
                 continue
-            gain = (error - next_error) / extra
+            gain = (error - next_error) * sizes[name] / extra  # relative error weighted by the layer's size
             if best is None or gain > best[0]:
                 best = (gain, name, extra)
         if best is None:
