@@ -217,27 +217,30 @@ def _groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], t.shape[-1] // group_size, group_size)
 
 
+def affine_group_params(w_min: torch.Tensor, w_max: torch.Tensor, bits: int):
+    """``(scale, bias)`` in float32 of groups spanning ``[w_min, w_max]``: MLX's rule, step by step."""
+    if bits == 1:
+        return (w_max - w_min).clamp_min(_QUANTIZE_EPS), w_min
+    # The extreme of larger magnitude becomes the bias (q = 0 exactly) and the scale is nudged so
+    # that 0.0 falls on an integer level; the scale is negative when that extreme is the max.
+    n_bins = float((1 << bits) - 1)
+    scale = _div(w_max - w_min, n_bins).clamp_min(_QUANTIZE_EPS)
+    min_is_edge = w_min.abs() > w_max.abs()
+    scale = torch.where(min_is_edge, scale, -scale)
+    edge = torch.where(min_is_edge, w_min, w_max)
+    q0 = torch.round(edge / scale)  # torch.round: ties to even, as rint
+    zero = q0 == 0
+    scale = torch.where(zero, scale, edge / torch.where(zero, torch.ones_like(q0), q0))
+    bias = torch.where(zero, torch.zeros_like(edge), edge)
+    return scale, bias
+
+
 def affine_quantize(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS):
     """Reference :func:`metalq.affine_quantize`: MLX's CPU rule, step by step, in float32."""
     wq_meta, s_meta, _ = _check(_ops.affine_quantize, (w, group_size, bits))
     _raise_nonfinite("affine_quantize", w, lambda bad: _ops.affine_quantize(bad, group_size, bits))
     wf = _groups(w.float(), group_size)
-    w_min, w_max = wf.amin(-1), wf.amax(-1)
-    if bits == 1:
-        scale = (w_max - w_min).clamp_min(_QUANTIZE_EPS)
-        bias = w_min
-    else:
-        # The extreme of larger magnitude becomes the bias (q = 0 exactly) and the scale is nudged so
-        # that 0.0 falls on an integer level; the scale is negative when that extreme is the max.
-        n_bins = float((1 << bits) - 1)
-        scale = _div(w_max - w_min, n_bins).clamp_min(_QUANTIZE_EPS)
-        min_is_edge = w_min.abs() > w_max.abs()
-        scale = torch.where(min_is_edge, scale, -scale)
-        edge = torch.where(min_is_edge, w_min, w_max)
-        q0 = torch.round(edge / scale)  # torch.round: ties to even, as rint
-        zero = q0 == 0
-        scale = torch.where(zero, scale, edge / torch.where(zero, torch.ones_like(q0), q0))
-        bias = torch.where(zero, torch.zeros_like(edge), edge)
+    scale, bias = affine_group_params(wf.amin(-1), wf.amax(-1), bits)
     n_bins = float((1 << bits) - 1)
     # q = clamp(rint((w - bias) / scale), 0, n_bins), with IEEE division (never a reciprocal)
     q = ((wf - bias.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(-1.0, n_bins + 1.0)

@@ -65,8 +65,8 @@ def calibrate(
         damping: GPTQ's damping, a fraction of the mean Hessian diagonal.
 
     Returns:
-        The format chosen for each converted layer, ``{name: MetalConfig}``: pass it to
-        :func:`metalq.save_quantized` users' tools, or to :func:`metalq.quantize_` for another copy.
+        The format chosen for each converted layer, ``{name: MetalConfig}`` (a per-layer config that
+        :func:`metalq.quantize_` also takes).
 
     The float model is read, never modified, until every layer is built; then all are swapped in at once,
     so an error or Ctrl-C leaves ``model`` untouched. Hessians are gathered for all selected layers in one

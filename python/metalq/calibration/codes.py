@@ -11,25 +11,12 @@ from torch import nn
 
 from ..linear import MetalLinear
 from ..ops import pack
-
-_QUANTIZE_EPS = 1e-7  # MLX's smallest scale
-
+from ..reference import affine_group_params
 
 def group_params(low: torch.Tensor, high: torch.Tensor, bits: int, dtype: torch.dtype):
-    """``(scale, bias)`` of groups whose values span ``[low, high]``, by MLX's rule (the extreme of larger
-    magnitude is the bias, zero falls on a level), rounded to the storage ``dtype`` and returned in float32."""
-    levels = float((1 << bits) - 1)
-    if bits == 1:
-        scale, bias = (high - low).clamp_min(_QUANTIZE_EPS), low
-    else:
-        scale = ((high - low) / levels).clamp_min(_QUANTIZE_EPS)
-        low_is_edge = low.abs() > high.abs()
-        scale = torch.where(low_is_edge, scale, -scale)
-        edge = torch.where(low_is_edge, low, high)
-        level = torch.round(edge / scale)
-        on_zero = level == 0
-        scale = torch.where(on_zero, scale, edge / torch.where(on_zero, torch.ones_like(level), level))
-        bias = torch.where(on_zero, torch.zeros_like(edge), edge)
+    """``(scale, bias)`` of groups whose values span ``[low, high]``, by MLX's rule
+    (:func:`metalq.reference.affine_group_params`), rounded to the storage ``dtype`` and returned in float32."""
+    scale, bias = affine_group_params(low.float(), high.float(), bits)
     return scale.to(dtype).float(), bias.to(dtype).float()
 
 

@@ -79,6 +79,7 @@ def _tokenized(model, texts, tokenizer, batch_size, max_length):
 
 def _check_batch(model: nn.Module, batch, index: int) -> None:
     tensors = batch.items() if isinstance(batch, Mapping) else [("batch", batch)]
+    embedding, hidden = _first_embedding(model), _input_embedding(model)
     for name, tensor in tensors:
         if not isinstance(tensor, torch.Tensor):
             continue
@@ -87,9 +88,7 @@ def _check_batch(model: nn.Module, batch, index: int) -> None:
             raise ValueError(f"{where}: empty tensor of shape {tuple(tensor.shape)}")
         if tensor.dtype in (torch.bool, torch.uint32, torch.uint64) or tensor.is_complex():
             raise TypeError(f"{where}: dtype {tensor.dtype}; token ids are int64/int32, model inputs float")
-        embedding = _first_embedding(model)
         if tensor.is_floating_point():
-            hidden = _input_embedding(model)
             if name in ("batch", "inputs_embeds") and hidden is not None and tensor.shape[-1] != hidden.embedding_dim:
                 raise ValueError(f"{where}: float inputs of hidden size {tensor.shape[-1]}, but the model's is "
                                  f"{hidden.embedding_dim}")
