@@ -10,12 +10,12 @@ namespace metalq::cpu {
 namespace {
 
 #if defined(__x86_64__) || defined(_M_X64)
-// The AVX2 table plus the AVX512-BF16 product for bfloat16 activations.
+// The AVX2 table plus the AVX512-BF16 dot-product x @ W.T.
 const KernelTable& avx512_bf16_table() {
   static const KernelTable t = [] {
     KernelTable k = avx2::table();
     k.isa = "avx512bf16";
-    k.bf16_qmm_t = avx512_bf16::kernels;
+    k.dot_qmm_t = avx512_bf16::kernels;
     return k;
   }();
   return t;
@@ -29,8 +29,9 @@ const KernelTable& best_table() {
   __builtin_cpu_init();
   has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("bmi2");
+  // VBMI's byte permute decodes 3, 5 and 6 bits (every AVX512-BF16 CPU but Cooper Lake has it).
   has_avx512_bf16 = has_avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                    __builtin_cpu_supports("avx512bf16");
+                    __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 #endif
   if (const char* forced = std::getenv("METALQ_CPU_ISA")) {
     std::string isa(forced);
