@@ -83,7 +83,12 @@ inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
 namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
-namespace avx512_bf16 { const DotQmmT* kernels(int bits, ScalarKind kind); }  // kind f32, f16 or bf16
+namespace avx512_bf16 {
+const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f32, f16 or bf16
+// KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
+void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
+void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
+}  // namespace avx512_bf16
 #endif
 
 // The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.

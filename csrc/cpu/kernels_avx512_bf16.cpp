@@ -74,16 +74,12 @@ struct WordDecoder {
   }
 };
 
+// 32 consecutive values of a row from 4 * BITS bytes, in order, one per uint16 lane with other bits above
+// it: vpermb gives lane j the two bytes value j starts in and vpsrlvw aligns it.
 template <int BITS>
-struct ByteDecoder {
-  static constexpr int kValues = 32;
-  static constexpr int kBytes = 4 * BITS;
-  static constexpr int kSub = 1;
-  static constexpr int kFields = 1;
-  static constexpr int kPairValues = 2;
-  static constexpr int value(int, int j) { return j; }
-  __m512i low, high, bytes_of_lane, shifts;
-  METALQ_FN ByteDecoder() : low(integer_table(BITS == 3 ? 7 : 31, 1, 0)), high(integer_table(31, 1, 32)) {
+struct InOrder {
+  __m512i bytes_of_lane, shifts;
+  METALQ_FN InOrder() {
     alignas(64) uint8_t idx[64];
     alignas(64) uint16_t sh[32];
     for (int j = 0; j < 32; ++j) {
@@ -94,13 +90,26 @@ struct ByteDecoder {
     bytes_of_lane = _mm512_load_si512(idx);
     shifts = _mm512_load_si512(sh);
   }
-  // A block's 4 * BITS <= 24 bytes always come from a masked 32-byte load: the last block of the matrix
-  // may end anywhere.
-  METALQ_FN __m512i load(const uint8_t* p) const { return load_partial(p, kBytes); }
-  METALQ_FN __m512i load_partial(const uint8_t* p, int64_t bytes) const {
+  // A masked 32-byte load: zeros past `bytes`, and no byte read past them.
+  METALQ_FN __m512i load(const uint8_t* p, int64_t bytes) const {
     const __m512i src = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(_bzhi_u32(~0u, unsigned(bytes)), p));
     return _mm512_srlv_epi16(_mm512_permutexvar_epi8(bytes_of_lane, src), shifts);
   }
+};
+
+template <int BITS>
+struct ByteDecoder {
+  static constexpr int kValues = 32;
+  static constexpr int kBytes = 4 * BITS;
+  static constexpr int kSub = 1;
+  static constexpr int kFields = 1;
+  static constexpr int kPairValues = 2;
+  static constexpr int value(int, int j) { return j; }
+  __m512i low, high;
+  InOrder<BITS> in_order;
+  METALQ_FN ByteDecoder() : low(integer_table(BITS == 3 ? 7 : 31, 1, 0)), high(integer_table(31, 1, 32)) {}
+  METALQ_FN __m512i load(const uint8_t* p) const { return in_order.load(p, kBytes); }
+  METALQ_FN __m512i load_partial(const uint8_t* p, int64_t bytes) const { return in_order.load(p, bytes); }
   METALQ_FN __m512bh field(__m512i w, int, int) const {
     if constexpr (BITS == 6) return (__m512bh)_mm512_permutex2var_epi16(low, w, high);
     return (__m512bh)_mm512_permutexvar_epi16(w, low);
@@ -297,6 +306,58 @@ METALQ_FN void qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, f
     }
 }
 
+// ---- dequantized tiles for the GEMM of many rows of x --------------------------------------------
+
+METALQ_FN inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+METALQ_FN inline void store16(uint16_t* out, __m512 v) {  // round to nearest even, as torch
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Rows [r0, r1) of W as scale * q + bias (one rounding to float, then to Out), 16 values (one group at
+// most: group sizes are >= 16) at a time.
+template <int BITS, ScalarKind XK, class Out>
+METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  const InOrder<BITS> in_order;
+  const __m512i mask = _mm512_set1_epi16(int16_t((1 << BITS) - 1));
+  const int64_t K = W.cols, G = W.groups_per_row(), row_bytes = W.row_bytes();
+  const int shift = W.group_shift();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wrow = W.w + r * row_bytes;
+    Out* orow = out + (r - r0) * K;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const int64_t left = row_bytes - k0 * BITS / 8;
+      const __m512i q = _mm512_and_si512(in_order.load(wrow + k0 * BITS / 8, left < 4 * BITS ? left : 4 * BITS), mask);
+      for (int h = 0; h < 2 && k0 + 16 * h < K; ++h) {
+        const int64_t g = r * G + ((k0 + 16 * h) >> shift);
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q)));
+        store16(orow + k0 + 16 * h, _mm512_fmadd_ps(qf, _mm512_set1_ps(load_float<XK>(W.scales, g)),
+                                                    _mm512_set1_ps(load_float<XK>(W.biases, g))));
+      }
+    }
+  }
+}
+
+template <class Out>
+void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  auto by_kind = [&](auto bits_tag) {
+    constexpr int B = decltype(bits_tag)::value;
+    switch (W.kind) {
+      case ScalarKind::f32: return dequantize_rows<B, ScalarKind::f32>(W, r0, r1, out);
+      case ScalarKind::f16: return dequantize_rows<B, ScalarKind::f16>(W, r0, r1, out);
+      default: return dequantize_rows<B, ScalarKind::bf16>(W, r0, r1, out);
+    }
+  };
+  switch (W.bits) {
+    case 1: return by_kind(std::integral_constant<int, 1>{});
+    case 2: return by_kind(std::integral_constant<int, 2>{});
+    case 3: return by_kind(std::integral_constant<int, 3>{});
+    case 4: return by_kind(std::integral_constant<int, 4>{});
+    case 5: return by_kind(std::integral_constant<int, 5>{});
+    case 6: return by_kind(std::integral_constant<int, 6>{});
+    default: return by_kind(std::integral_constant<int, 8>{});
+  }
+}
+
 template <int BITS, ScalarKind XK>
 const DotQmmT* kernels_for() {
   using D = Decoder<BITS>;
@@ -326,6 +387,9 @@ const DotQmmT* kernels_for_bits(int bits) {
 }
 
 }  // namespace
+
+void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize(W, r0, r1, out); }
+void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize(W, r0, r1, out); }
 
 const DotQmmT* kernels(int bits, ScalarKind x_kind) {
   switch (x_kind) {

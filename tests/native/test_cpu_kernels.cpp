@@ -368,6 +368,8 @@ int main(int argc, char** argv) {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("bmi2"))
     tables.push_back(&metalq::cpu::avx2::table());
+  // The AVX512-BF16 table: the AVX2 one with its own affine dequantization.
+  if (std::string(metalq::cpu::kernels().isa) == "avx512bf16") tables.push_back(&metalq::cpu::kernels());
 #endif
   int cases = 0, failed = 0;
   auto count = [&](int failures_before) {
