@@ -47,7 +47,7 @@ struct PackedMatrix {
 };
 
 // x @ W.T of the affine format on bfloat16 dot products, for x [M, W.cols] stored as W.kind (the dtype of
-// the scales), with float32 numerics: as prepare_x / qmm_t below, with scratch_bytes(W, M) bytes of scratch.
+// the scales), with float32 accumulation of exact products: as prepare_x / qmm_t below, with scratch_bytes(W, M) bytes of scratch.
 struct DotQmmT {
   int64_t (*scratch_bytes)(const PackedMatrix& W, int64_t M);
   void (*prepare_x)(const PackedMatrix& W, const void* x, int64_t M, void* scratch);
@@ -84,7 +84,7 @@ namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
 namespace avx512_bf16 {
-const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f32, f16 or bf16
+const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f16 or bf16; null otherwise
 // KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
 void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
 void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);

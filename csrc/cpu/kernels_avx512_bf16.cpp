@@ -1,21 +1,22 @@
-// x @ W.T on AVX512-BF16 dot products, for every bit width and every float dtype of x (the scales and
+// x @ W.T on AVX512-BF16 dot products, for every bit width and bfloat16 or float16 x (the scales and
 // biases have x's dtype).
 //
-// x is split exactly into bfloat16 parts, each the truncated remainder of the one before: bfloat16 is
-// one part, float16 (11 significant bits) two, float32 (24) three. bfloat16 holds every q < 256, so each
-// product q * part is exact and vdpbf16ps sums them in float32: float32 numerics for every dtype, at
-// one dot product per 32 weights and part.
+// x is split exactly into bfloat16 parts: bfloat16 is one part, float16 (11 significant bits) two, the
+// value truncated to bfloat16 and the remainder. bfloat16 holds every q < 256, so each product q * part
+// is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and part. (float32 x
+// would take three parts: measured slower than the AVX2 float kernels at M = 8, so it stays there.)
 //
 // A decoder turns a block of a packed row into sub-vectors of 32 uint16 lanes whose low bits index a
 // table of bfloat16 integers (vpermw, which reads 5 index bits; vpermi2w, 6 bits, for 6-bit values):
 //  - bits 1, 2, 4, 8 (WordDecoder): each uint16 lane (a byte for 1 bit) holds 16 / bits consecutive
 //    values and sub-vector t takes every lane's t-th field by a shift; the table ignores the bits above
 //    (8 bits: a lookup of each nibble, the high one weighted by 16, and two dot products);
-//  - bits 3, 5, 6 (ByteDecoder): 32 consecutive values from 4 * bits bytes: vpermb gives uint16 lane j
-//    the two bytes value j starts in and vpsrlvw aligns it (a value ends within those 16 bits).
+//  - bits 3, 5, 6 (ByteDecoder): 32 consecutive values from 4 * bits bytes, in order (InOrder).
 // x is laid out once per call in lane order, zero-padded to whole blocks: the last, partial block of a
 // row is read with a masked load, so no byte past the row is touched. vdpbf16ps sums lane pairs, which
 // hold values of one group.
+//
+// The same in-order decode, for every bit width, dequantizes affine tiles for the GEMM of many rows.
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -122,7 +123,7 @@ using Decoder = std::conditional_t<32 % BITS == 0, WordDecoder<BITS>, ByteDecode
 // ---- x and the scales in their float kind ----------------------------------------------------------
 
 template <ScalarKind XK>
-constexpr int kParts = XK == ScalarKind::bf16 ? 1 : (XK == ScalarKind::f16 ? 2 : 3);
+constexpr int kParts = XK == ScalarKind::bf16 ? 1 : 2;
 
 template <ScalarKind XK>
 METALQ_FN inline float load_float(const void* p, int64_t i) {
@@ -141,14 +142,11 @@ METALQ_FN inline float load_float(const void* p, int64_t i) {
 // Values i .. i + min(count, 16) of p as floats, zero beyond.
 template <ScalarKind XK>
 METALQ_FN inline __m512 load_floats(const void* p, int64_t i, int64_t count) {
+  static_assert(XK != ScalarKind::f32, "float32 x runs in the AVX2 kernels");
   const __mmask16 mask = _bzhi_u32(0xFFFFu, count >= 16 ? 16 : unsigned(count));
-  if constexpr (XK == ScalarKind::f32) {
-    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
-    if constexpr (XK == ScalarKind::f16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+  if constexpr (XK == ScalarKind::f16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // Scratch per row of x: the parts of x in lane order, block after block (within a block: sub-vector, then
@@ -250,7 +248,7 @@ template <class D, ScalarKind XK, int MR>
 METALQ_FN void row_dot(const D& dec, const PackedMatrix& W, int64_t n, const uint8_t* scratch, __m512i lane_group,
                        float* out) {
   const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes();
-  const int64_t scalar_bytes = XK == ScalarKind::f32 ? 4 : 2;
+  const int64_t scalar_bytes = 2;  // bfloat16 or float16
   const bool per_group = D::kValues <= W.group_size;
   const RowDot<D, XK, MR> rd{dec, W.w + n * row_bytes, row_bytes, static_cast<const uint8_t*>(W.scales) + n * G * scalar_bytes,
                              G, W.group_shift(), scratch, row_stride_bytes<D, XK>(W), lane_group, per_group,
@@ -395,7 +393,6 @@ const DotQmmT* kernels(int bits, ScalarKind x_kind) {
   switch (x_kind) {
     case ScalarKind::bf16: return kernels_for_bits<ScalarKind::bf16>(bits);
     case ScalarKind::f16: return kernels_for_bits<ScalarKind::f16>(bits);
-    case ScalarKind::f32: return kernels_for_bits<ScalarKind::f32>(bits);
     default: return nullptr;
   }
 }
