@@ -8,6 +8,7 @@ instead of biasing one ratio.
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import platform
 import statistics
@@ -108,12 +109,38 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _llc_bytes() -> Optional[int]:
+    """Size of cpu0's last-level cache from sysfs (Linux), or None."""
+    sizes = {}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes[level] = int(text.rstrip("KMG")) * unit
+    return sizes[max(sizes)] if sizes else None
+
+
 def _l3_size() -> str:
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    llc = _llc_bytes()
+    return f"{llc // 2**20} MiB" if llc else "?"
+
+
+def stream_read_bandwidth(clock: str = "wall", min_bytes: int = 2**29, reps: int = 7) -> float:
+    """Bytes per second of a streaming read (``torch.sum`` on torch's intra-op threads) of a float32 buffer
+    twice the size of the last-level cache (at least ``min_bytes``): the DRAM rate that bounds any op
+    whose operands come from memory. Median of ``reps`` reads on ``clock`` (as ``measure``), after one
+    read that faults the pages in."""
+    nbytes = max(min_bytes, 2 * (_llc_bytes() or 0))
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    seconds = [timed_call(buf.sum)[1 if clock == "wall" else 2] for _ in range(reps)]
+    del buf
+    return nbytes / statistics.median(seconds)
 
 
 def metalq_isa() -> str:

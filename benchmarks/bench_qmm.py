@@ -19,7 +19,10 @@ float32, ``x @ W.T``): the ``err`` column is metalq's ``max|y - ref| / max|ref|`
 any result, metalq's or a baseline's, outside the dtype's tolerance.
 
 Ratios are metalq time / other time: below 1 means metalq is faster. GB/s is metalq's weight traffic
-(packed weight + scales + biases bytes) per median call.
+(packed weight + scales + biases bytes) per median call. ``floor`` is the memory floor: the bytes of
+w, scales, biases and x over the streaming read bandwidth measured at the start of the run (a buffer
+twice the last-level cache, ``_timing.stream_read_bandwidth``); ``/floor`` is metalq's time as a
+multiple of it. Weights that fit the last-level cache can beat the floor when called repeatedly.
 
 Example:
     python benchmarks/bench_qmm.py --M 1 8 --bits 4 --dtypes bfloat16 --csv out.csv
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import metalq
-from _timing import DTYPES, TOLERANCE, add_common_arguments, measure, start_run, timed_call
+from _timing import DTYPES, TOLERANCE, add_common_arguments, measure, start_run, stream_read_bandwidth, timed_call
 
 try:
     import mlx.core as mx
@@ -127,14 +130,17 @@ def main(argv=None):
         use_mlx = False
     print(f"# config      K={K} N={N} group_size={gs} bits={args.bits} M={args.M} dtypes={args.dtypes}; "
           f"median of up to {args.reps} calls, {args.budget:g} s budget per op")
+    bandwidth = stream_read_bandwidth(args.clock)
+    print(f"# floor       streaming read of a buffer beyond the last-level cache: {bandwidth / 1e9:.1f} GB/s")
     print(f"# columns     ms = median {args.clock} time per call; ratios = metalq ms / other ms (<1: metalq faster);")
+    print("#             floor = (w + scales + biases + x bytes) / streaming read bandwidth; /floor = metalq / floor")
     print("#             GB/s = metalq packed weight+scales+biases bytes / time; err = metalq max|y-ref|/max|ref|")
     print("#             vs a float32 oracle; '!' = outside tolerance; '~' = fewer than 3 timed calls; '-' = n/a;")
     print("#             skip = not timed, see the notes below the table")
     print("#             pt-int = torch int4pack_mm_for_cpu (4-bit, same quantized values) or")
     print("#             int8pack_mm (8-bit, per-channel int8 of W: same weight bytes, different quantizer)")
     cols = (f"{'M':>4} {'K':>5} {'N':>6} {'bits':>4} {'gs':>3} {'dtype':>8} | {'metalq':>8} {'dense':>8} {'pt-int':>8} "
-            f"{'mlx':>8} | {'/dense':>7} {'/pt-int':>7} {'/mlx':>7} | {'GB/s':>6} {'err':>8}")
+            f"{'mlx':>8} | {'floor':>7} {'/floor':>6} {'/dense':>7} {'/pt-int':>7} {'/mlx':>7} | {'GB/s':>6} {'err':>8}")
     print(cols)
     print("-" * len(cols))
 
@@ -211,11 +217,13 @@ def main(argv=None):
                     return f"{format(mq / t[k].median_ms, '.3g' if mq >= 0.1 * t[k].median_ms else '.2g'):>{width}}" if k in t else f"{'-':>{width}}"
 
                 gbps = weight_bytes / (mq * 1e-3) / 1e9
+                floor_ms = 1e3 * (weight_bytes + x.nbytes) / bandwidth
                 print(f"{M:>4} {K:>5} {N:>6} {bits:>4} {gs:>3} {dname:>8} | {cell('metalq')} {cell('dense')} "
-                      f"{cell('pt-int')} {cell('mlx')} | {ratio('dense', 7)} {ratio('pt-int', 7)} {ratio('mlx', 7)} | "
+                      f"{cell('pt-int')} {cell('mlx')} | {floor_ms:>7.3f} {mq / floor_ms:>6.2f} {ratio('dense', 7)} {ratio('pt-int', 7)} {ratio('mlx', 7)} | "
                       f"{format(gbps, '.3g'):>6} {('!' if 'metalq' in flagged else '') + format(err, '.1e'):>8}", flush=True)
                 row = {"M": M, "K": K, "N": N, "bits": bits, "group_size": gs, "dtype": dname,
-                       "weight_bytes": weight_bytes, "metalq_gbps": round(gbps, 2)}
+                       "weight_bytes": weight_bytes, "metalq_gbps": round(gbps, 2),
+                       "floor_ms": round(floor_ms, 4), "metalq_per_floor": round(mq / floor_ms, 3)}
                 for k in ("metalq", "dense", "pt-int", "mlx"):
                     key = k.replace("-", "_")
                     row[f"{key}_ms"] = round(t[k].median_ms, 4) if k in t else ""

@@ -195,7 +195,7 @@ def run_with_isa(isa, code):
 
 
 ISA_FLAGS = {"generic": set(), "avx2": {"avx2", "fma", "f16c", "bmi2"}}
-ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx2"] | {"avx512bw", "avx512vl", "avx512_bf16"}
+ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx2"] | {"avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"}
 
 
 def cpu_flags():

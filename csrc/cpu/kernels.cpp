@@ -10,12 +10,19 @@ namespace metalq::cpu {
 namespace {
 
 #if defined(__x86_64__) || defined(_M_X64)
-// The AVX2 table plus the AVX512-BF16 product for bfloat16 activations.
+// The AVX2 table plus the AVX512-BF16 dot-product x @ W.T and affine dequantization.
 const KernelTable& avx512_bf16_table() {
   static const KernelTable t = [] {
     KernelTable k = avx2::table();
     k.isa = "avx512bf16";
-    k.bf16_qmm_t = avx512_bf16::kernels;
+    k.dot_qmm_t = avx512_bf16::kernels;
+    k.dequantize_f32 = [](const PackedMatrix& W, int64_t r0, int64_t r1, float* out) {
+      W.code == ValueCode::uint ? avx512_bf16::dequantize_f32(W, r0, r1, out) : avx2::table().dequantize_f32(W, r0, r1, out);
+    };
+    k.dequantize_bf16 = [](const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) {
+      W.code == ValueCode::uint ? avx512_bf16::dequantize_bf16(W, r0, r1, out)
+                                : avx2::table().dequantize_bf16(W, r0, r1, out);
+    };
     return k;
   }();
   return t;
@@ -29,8 +36,9 @@ const KernelTable& best_table() {
   __builtin_cpu_init();
   has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("bmi2");
+  // VBMI's byte permute decodes 3, 5 and 6 bits (every AVX512-BF16 CPU but Cooper Lake has it).
   has_avx512_bf16 = has_avx2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                    __builtin_cpu_supports("avx512bf16");
+                    __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 #endif
   if (const char* forced = std::getenv("METALQ_CPU_ISA")) {
     std::string isa(forced);

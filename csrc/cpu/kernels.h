@@ -46,11 +46,11 @@ struct PackedMatrix {
   int group_shift() const { return __builtin_ctz(unsigned(group_size)); }  // group sizes are powers of two
 };
 
-// x @ W.T for bfloat16 x and bfloat16 scales, as prepare_x / qmm_t below but with x kept in bfloat16
-// (scratch_bytes(W, M) bytes of scratch).
-struct Bf16QmmT {
+// x @ W.T of the affine format on bfloat16 dot products, for x [M, W.cols] stored as W.kind (the dtype of
+// the scales), with float32 accumulation of exact products: as prepare_x / qmm_t below, with scratch_bytes(W, M) bytes of scratch.
+struct DotQmmT {
   int64_t (*scratch_bytes)(const PackedMatrix& W, int64_t M);
-  void (*prepare_x)(const PackedMatrix& W, const uint16_t* x, int64_t M, void* scratch);
+  void (*prepare_x)(const PackedMatrix& W, const void* x, int64_t M, void* scratch);
   void (*qmm_t)(const PackedMatrix& W, const void* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 };
 
@@ -70,9 +70,9 @@ struct KernelTable {
   // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
   // K / group_size float scales and biases.
   void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
-  // The bfloat16 product for these bits of the affine format, or null where this variant has none
-  // (then x runs in float).
-  const Bf16QmmT* (*bf16_qmm_t)(int bits);
+  // The dot-product x @ W.T for these bits of the affine format and this float kind of x and scales, or
+  // null where this variant has none (then x runs through prepare_x / qmm_t in float).
+  const DotQmmT* (*dot_qmm_t)(int bits, ScalarKind kind);
 };
 
 inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
@@ -83,7 +83,12 @@ inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
 namespace generic { const KernelTable& table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable& table(); }
-namespace avx512_bf16 { const Bf16QmmT* kernels(int bits); }  // bits 1, 2, 4, 8; null otherwise
+namespace avx512_bf16 {
+const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f16 or bf16; null otherwise
+// KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
+void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
+void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
+}  // namespace avx512_bf16
 #endif
 
 // The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.

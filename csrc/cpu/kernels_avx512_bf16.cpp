@@ -1,194 +1,398 @@
-// x @ W.T for bfloat16 activations on CPUs with AVX512-BF16 (bits 1, 2, 4, 8).
+// x @ W.T on AVX512-BF16 dot products, for every bit width and bfloat16 or float16 x (the scales and
+// biases have x's dtype).
 //
-// A block of W is read as 32 uint16 lanes (64 bytes; 32 bytes for 1 bit, a byte per lane); each lane
-// holds 16/bits (1 bit: 8) consecutive values, and sub-vector t takes every lane's t-th field. One
-// vpermw maps the fields straight to bfloat16 (the table only looks at the low 5 bits, so no mask is
-// needed) and one vdpbf16ps multiplies 32 of them with x and adds pairs into 16 float accumulators:
-// 3 instructions per 32 weights, against 4 per 8 for the float path. bfloat16 holds the integers
-// q < 32 and the bfloat16 activations exactly, so the products are exact and accumulate in float32. An
-// 8-bit value q = lo + 16 hi takes two lookups (lo and 16 hi are exact too) and two dot products. x is
-// laid out once per call in the lane order.
+// x is split exactly into bfloat16 parts: bfloat16 is one part, float16 (11 significant bits) two, the
+// value truncated to bfloat16 and the remainder. bfloat16 holds every q < 256, so each product q * part
+// is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and part. (float32 x
+// would take three parts: measured slower than the AVX2 float kernels at M = 8, so it stays there.)
+//
+// A decoder turns a block of a packed row into sub-vectors of 32 uint16 lanes whose low bits index a
+// table of bfloat16 integers (vpermw, which reads 5 index bits; vpermi2w, 6 bits, for 6-bit values):
+//  - bits 1, 2, 4, 8 (WordDecoder): each uint16 lane (a byte for 1 bit) holds 16 / bits consecutive
+//    values and sub-vector t takes every lane's t-th field by a shift; the table ignores the bits above
+//    (8 bits: a lookup of each nibble, the high one weighted by 16, and two dot products);
+//  - bits 3, 5, 6 (ByteDecoder): 32 consecutive values from 4 * bits bytes, in order (InOrder).
+// x is laid out once per call in lane order, zero-padded to whole blocks: the last, partial block of a
+// row is read with a masked load, so no byte past the row is touched. vdpbf16ps sums lane pairs, which
+// hold values of one group.
+//
+// The same in-order decode, for every bit width, dequantizes affine tiles for the GEMM of many rows.
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#define METALQ_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,bmi2")))
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized flags in
+// every caller.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define METALQ_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,avx2,fma,f16c,bmi2")))
 
 namespace metalq::cpu::avx512_bf16 {
 namespace {
 
-constexpr int kLanes16 = 32;  // uint16 lanes per block
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Rounds to nearest even, as torch does.
-inline uint16_t float_to_bf16(float f) {
+inline uint16_t bf16_bits_of_integer(int v) {  // exact: |v| < 256 fits bfloat16's 8 significant bits
+  const float f = float(v);
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return uint16_t(u >> 16);
+}
+
+// 32 bfloat16 entries: entry i is scale * ((i & mask) + offset).
+METALQ_FN inline __m512i integer_table(int mask, int scale, int offset) {
+  alignas(64) uint16_t v[32];
+  for (int i = 0; i < 32; ++i) v[i] = bf16_bits_of_integer(scale * ((i & mask) + offset));
+  return _mm512_load_si512(v);
 }
 
 template <int BITS>
-struct Layout {
-  // A float lane sums the values of two uint16 lanes: a byte each for 1 bit keeps them (16 values) in
-  // one group for every group size.
-  static constexpr int kLaneBits = BITS == 1 ? 8 : 16;
-  static constexpr int kPerLane = kLaneBits / BITS;        // values per uint16 lane
-  static constexpr int kValues = kLanes16 * kPerLane;      // values per block
-  static constexpr int kBytes = kLanes16 * kLaneBits / 8;  // bytes per block
+struct WordDecoder {
+  static constexpr int kLaneBits = BITS == 1 ? 8 : 16;  // bytes for 1 bit: a lane pair stays in one group
+  static constexpr int kPerLane = kLaneBits / BITS;
+  static constexpr int kValues = 32 * kPerLane;  // per block
+  static constexpr int kBytes = 32 * kLaneBits / 8;
   static constexpr int kSub = kPerLane;
+  static constexpr int kFields = BITS == 8 ? 2 : 1;  // lookups (and dot products) per sub-vector
+  static constexpr int kPairValues = 2 * kPerLane;  // values summed into one float lane
   static constexpr int value(int t, int j) { return j * kPerLane + t; }  // value of lane j in sub-vector t
-  METALQ_FN static __m512i load(const uint8_t* p) {
+  __m512i low, high;
+  METALQ_FN WordDecoder()
+      : low(integer_table(BITS == 8 ? 15 : (1 << BITS) - 1, 1, 0)), high(integer_table(15, 16, 0)) {}
+  METALQ_FN __m512i load(const uint8_t* p) const {
     if constexpr (kLaneBits == 8) return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_loadu_si512(p);
   }
+  METALQ_FN __m512i load_partial(const uint8_t* p, int64_t bytes) const {  // zeros past `bytes`
+    if constexpr (kLaneBits == 8) return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(_bzhi_u32(~0u, bytes), p));
+    return _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, bytes), p);
+  }
+  METALQ_FN __m512bh field(__m512i w, int t, int f) const {
+    return (__m512bh)_mm512_permutexvar_epi16(_mm512_srl_epi16(w, _mm_cvtsi32_si128(t * BITS + 4 * f)), f ? high : low);
+  }
 };
 
-// Scratch per row of x: K bfloat16 values in lane order (full blocks, then the tail as is), then the
-// per-group sums of x as floats, padded with zeros to a multiple of 16 groups.
-int64_t padded_groups(const PackedMatrix& W) { return (W.groups_per_row() + 15) / 16 * 16; }
-int64_t row_stride_bytes(const PackedMatrix& W) { return W.cols * 2 + padded_groups(W) * 4; }
+// 32 consecutive values of a row from 4 * BITS bytes, in order, one per uint16 lane with other bits above
+// it: vpermb gives lane j the two bytes value j starts in and vpsrlvw aligns it.
+template <int BITS>
+struct InOrder {
+  __m512i bytes_of_lane, shifts;
+  METALQ_FN InOrder() {
+    alignas(64) uint8_t idx[64];
+    alignas(64) uint16_t sh[32];
+    for (int j = 0; j < 32; ++j) {
+      idx[2 * j] = uint8_t(j * BITS / 8);
+      idx[2 * j + 1] = uint8_t(j * BITS / 8 + 1);
+      sh[j] = uint16_t(j * BITS % 8);
+    }
+    bytes_of_lane = _mm512_load_si512(idx);
+    shifts = _mm512_load_si512(sh);
+  }
+  // A masked 32-byte load: zeros past `bytes`, and no byte read past them.
+  METALQ_FN __m512i load(const uint8_t* p, int64_t bytes) const {
+    const __m512i src = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(_bzhi_u32(~0u, unsigned(bytes)), p));
+    return _mm512_srlv_epi16(_mm512_permutexvar_epi8(bytes_of_lane, src), shifts);
+  }
+};
 
 template <int BITS>
-void prepare_x(const PackedMatrix& W, const uint16_t* x, int64_t M, uint8_t* scratch) {
-  using L = Layout<BITS>;
-  const int64_t K = W.cols, blocks = K / L::kValues;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xm = x + m * K;
-    uint16_t* xs = reinterpret_cast<uint16_t*>(scratch + m * row_stride_bytes(W));
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int t = 0; t < L::kSub; ++t)
-        for (int j = 0; j < kLanes16; ++j) xs[b * L::kValues + t * kLanes16 + j] = xm[b * L::kValues + L::value(t, j)];
-    for (int64_t k = blocks * L::kValues; k < K; ++k) xs[k] = xm[k];
-    std::vector<float> sums(padded_groups(W), 0.f);
-    for (int64_t g = 0; g < W.groups_per_row(); ++g)
-      for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; ++k) sums[g] += bf16_to_float(xm[k]);
-    std::memcpy(scratch + m * row_stride_bytes(W) + K * 2, sums.data(), sums.size() * 4);
+struct ByteDecoder {
+  static constexpr int kValues = 32;
+  static constexpr int kBytes = 4 * BITS;
+  static constexpr int kSub = 1;
+  static constexpr int kFields = 1;
+  static constexpr int kPairValues = 2;
+  static constexpr int value(int, int j) { return j; }
+  __m512i low, high;
+  InOrder<BITS> in_order;
+  METALQ_FN ByteDecoder() : low(integer_table(BITS == 3 ? 7 : 31, 1, 0)), high(integer_table(31, 1, 32)) {}
+  METALQ_FN __m512i load(const uint8_t* p) const { return in_order.load(p, kBytes); }
+  METALQ_FN __m512i load_partial(const uint8_t* p, int64_t bytes) const { return in_order.load(p, bytes); }
+  METALQ_FN __m512bh field(__m512i w, int, int) const {
+    if constexpr (BITS == 6) return (__m512bh)_mm512_permutex2var_epi16(low, w, high);
+    return (__m512bh)_mm512_permutexvar_epi16(w, low);
+  }
+};
+
+template <int BITS>
+using Decoder = std::conditional_t<32 % BITS == 0, WordDecoder<BITS>, ByteDecoder<BITS>>;
+
+// ---- x and the scales in their float kind ----------------------------------------------------------
+
+template <ScalarKind XK>
+constexpr int kParts = XK == ScalarKind::bf16 ? 1 : 2;
+
+template <ScalarKind XK>
+METALQ_FN inline float load_float(const void* p, int64_t i) {
+  if constexpr (XK == ScalarKind::f32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (XK == ScalarKind::f16) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  } else {
+    const uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
   }
 }
 
-// Up to 16 bfloat16 values from p (count of them) as floats.
-METALQ_FN inline __m512 load_bf16(const uint16_t* p, int64_t count) {
-  const __mmask16 mask = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+// Values i .. i + min(count, 16) of p as floats, zero beyond.
+template <ScalarKind XK>
+METALQ_FN inline __m512 load_floats(const void* p, int64_t i, int64_t count) {
+  static_assert(XK != ScalarKind::f32, "float32 x runs in the AVX2 kernels");
+  const __mmask16 mask = _bzhi_u32(0xFFFFu, count >= 16 ? 16 : unsigned(count));
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+  if constexpr (XK == ScalarKind::f16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// The t-th field of every uint16 lane of w as bfloat16: a lookup of its low 5 bits in `lut`.
-METALQ_FN inline __m512bh field(__m512i w, int shift, __m512i lut) {
-  return (__m512bh)_mm512_permutexvar_epi16(_mm512_srl_epi16(w, _mm_cvtsi32_si128(shift)), lut);
+// Scratch per row of x: the parts of x in lane order, block after block (within a block: sub-vector, then
+// part, then 32 lanes of bfloat16), then the per-group sums of x as floats, padded to 16 groups.
+template <class D>
+int64_t blocks_per_row(const PackedMatrix& W) { return (W.cols + D::kValues - 1) / D::kValues; }
+int64_t padded_groups(const PackedMatrix& W) { return (W.groups_per_row() + 15) / 16 * 16; }
+template <class D, ScalarKind XK>
+int64_t parts_bytes(const PackedMatrix& W) { return blocks_per_row<D>(W) * D::kValues * kParts<XK> * 2; }
+template <class D, ScalarKind XK>
+int64_t row_stride_bytes(const PackedMatrix& W) { return parts_bytes<D, XK>(W) + padded_groups(W) * 4; }
+
+template <class D, ScalarKind XK>
+METALQ_FN void prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_t* scratch) {
+  constexpr int P = kParts<XK>;
+  const int64_t K = W.cols, G = W.groups_per_row(), blocks = blocks_per_row<D>(W);
+  std::vector<float> xf(blocks * D::kValues);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < int64_t(xf.size()); ++k) xf[k] = k < K ? load_float<XK>(x, m * K + k) : 0.f;
+    uint8_t* row = scratch + m * row_stride_bytes<D, XK>(W);
+    uint16_t* parts = reinterpret_cast<uint16_t*>(row);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int t = 0; t < D::kSub; ++t)
+        for (int j = 0; j < 32; ++j) {
+          uint32_t rest;
+          std::memcpy(&rest, &xf[b * D::kValues + D::value(t, j)], 4);
+          for (int p = 0; p < P; ++p) {
+            const uint32_t part = rest & 0xFFFF0000u;
+            parts[((b * D::kSub + t) * P + p) * 32 + j] = uint16_t(part >> 16);
+            float r, h;
+            std::memcpy(&r, &rest, 4);
+            std::memcpy(&h, &part, 4);
+            r -= h;  // exact: h is r truncated
+            std::memcpy(&rest, &r, 4);
+          }
+        }
+    std::vector<float> sums(padded_groups(W), 0.f);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; ++k) sums[g] += xf[k];
+    std::memcpy(row + parts_bytes<D, XK>(W), sums.data(), sums.size() * 4);
+  }
 }
 
-template <int BITS, int MR>
-METALQ_FN void row_dot(const PackedMatrix& W, int64_t n, const uint8_t* scratch, const __m512i lut,
-                       const __m512i lut_high, const __m512i lane_group, float* out) {
-  using L = Layout<BITS>;
-  const int64_t K = W.cols, G = W.groups_per_row(), blocks = K / L::kValues, stride = row_stride_bytes(W);
-  const uint8_t* wrow = W.w + n * W.row_bytes();
-  const uint16_t* scales = static_cast<const uint16_t*>(W.scales) + n * G;
-  const uint16_t* biases = static_cast<const uint16_t*>(W.biases) + n * G;
-  const int shift = W.group_shift();
-  __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m512i w = L::load(wrow + b * L::kBytes);
+// One row of W against MR rows of x (scratch, row stride `stride`), walked in segments that share one
+// scale: a group when a block fits in a group, else a block (lane_group then maps each float lane to its
+// group). Each segment sums into fresh accumulators, so only its scaled add chains to the next segment.
+template <class D, ScalarKind XK, int MR>
+struct RowDot {
+  static constexpr int64_t kXBlock = int64_t(D::kSub) * kParts<XK> * 64;  // bytes of x per block
+  const D& dec;
+  const uint8_t* wrow;
+  int64_t row_bytes;
+  const void* scales;
+  int64_t groups;
+  int group_shift;
+  const uint8_t* x;
+  int64_t stride;
+  __m512i lane_group;
+  bool per_group;
+  int64_t seg_blocks;
+
+  // Block b against the rows of x, added to d; kPartial: the row's last block, shorter than kBytes.
+  template <bool kPartial>
+  METALQ_FN __attribute__((always_inline)) void block(int64_t b, __m512 (&d)[MR]) const {
+    const uint8_t* wb = wrow + b * D::kBytes;
+    const __m512i w = kPartial ? dec.load_partial(wb, row_bytes - b * D::kBytes) : dec.load(wb);
+    for (int t = 0; t < D::kSub; ++t) {
+      __m512bh q[D::kFields];
+      for (int f = 0; f < D::kFields; ++f) q[f] = dec.field(w, t, f);
+      for (int p = 0; p < kParts<XK>; ++p)
+        for (int m = 0; m < MR; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * stride + b * kXBlock + (t * kParts<XK> + p) * 64);
+          for (int f = 0; f < D::kFields; ++f) d[m] = _mm512_dpbf16_ps(d[m], q[f], xv);
+        }
+    }
+  }
+
+  template <bool kPartial>
+  METALQ_FN __attribute__((always_inline)) void segment(int64_t seg, __m512 (&acc)[MR]) const {
     __m512 d[MR];
     for (int m = 0; m < MR; ++m) d[m] = _mm512_setzero_ps();
-    for (int t = 0; t < L::kSub; ++t) {
-      const __m512bh q = field(w, t * BITS, lut);
-      for (int m = 0; m < MR; ++m) {
-        const __m512i xv = _mm512_loadu_si512(scratch + m * stride + (b * L::kValues + t * kLanes16) * 2);
-        d[m] = _mm512_dpbf16_ps(d[m], q, (__m512bh)xv);
-        if constexpr (BITS == 8) d[m] = _mm512_dpbf16_ps(d[m], field(w, t * BITS + 4, lut_high), (__m512bh)xv);
-      }
+    if (kPartial) {
+      block<true>(seg, d);  // only a block-long segment can be partial
+    } else {
+      for (int64_t b = seg * seg_blocks; b < (seg + 1) * seg_blocks; ++b) block<false>(b, d);
     }
-    // Float lane i sums the values of uint16 lanes 2i and 2i+1; lane_group maps it to its group.
-    const int64_t first = (b * L::kValues) >> shift;
-    const __m512 s = _mm512_permutexvar_ps(lane_group, load_bf16(scales + first, G - first));
+    __m512 s;
+    if (per_group) {
+      s = _mm512_set1_ps(load_float<XK>(scales, seg));
+    } else {
+      const int64_t first = (seg * D::kValues) >> group_shift;
+      s = _mm512_permutexvar_ps(lane_group, load_floats<XK>(scales, first, groups - first));
+    }
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(s, d[m], acc[m]);
   }
-  // Bias term: sum_g biases[g] * (sum of x over group g), 16 groups at a time.
-  for (int64_t g = 0; g < G; g += 16) {
-    const __m512 bias = load_bf16(biases + g, G - g);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xsum = _mm512_loadu_ps(reinterpret_cast<const float*>(scratch + m * stride + K * 2) + g);
-      acc[m] = _mm512_fmadd_ps(bias, xsum, acc[m]);
+};
+
+template <class D, ScalarKind XK, int MR>
+METALQ_FN void row_dot(const D& dec, const PackedMatrix& W, int64_t n, const uint8_t* scratch, __m512i lane_group,
+                       float* out) {
+  const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes();
+  const int64_t scalar_bytes = 2;  // bfloat16 or float16
+  const bool per_group = D::kValues <= W.group_size;
+  const RowDot<D, XK, MR> rd{dec, W.w + n * row_bytes, row_bytes, static_cast<const uint8_t*>(W.scales) + n * G * scalar_bytes,
+                             G, W.group_shift(), scratch, row_stride_bytes<D, XK>(W), lane_group, per_group,
+                             per_group ? W.group_size / D::kValues : 1};
+  const int64_t segments = per_group ? G : blocks_per_row<D>(W);
+  const int64_t whole = per_group ? G : row_bytes / D::kBytes;  // segments without a partial block
+  __m512 acc[MR], acc2[MR];  // acc2: a second chain of segments for one row of x
+  for (int m = 0; m < MR; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
+  int64_t seg = 0;
+  if constexpr (MR == 1) {
+    for (; seg + 2 <= whole; seg += 2) {
+      rd.template segment<false>(seg, acc);
+      rd.template segment<false>(seg + 1, acc2);
     }
   }
-  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
-  for (int64_t k = blocks * L::kValues; k < K; ++k) {  // tail shorter than a block
-    const int64_t bit = k * BITS;
-    const float sq = bf16_to_float(scales[k >> shift]) * float((wrow[bit >> 3] >> (bit & 7)) & ((1 << BITS) - 1));
-    for (int m = 0; m < MR; ++m)
-      out[m] += sq * bf16_to_float(reinterpret_cast<const uint16_t*>(scratch + m * stride)[k]);
+  for (; seg < whole; ++seg) rd.template segment<false>(seg, acc);
+  if (seg < segments) rd.template segment<true>(seg, acc);
+  // Bias term: sum_g biases[g] * (sum of x over group g), 16 groups at a time.
+  const void* biases = static_cast<const uint8_t*>(W.biases) + n * G * scalar_bytes;
+  for (int64_t g = 0; g < G; g += 16) {
+    const __m512 bias = load_floats<XK>(biases, g, G - g);
+    for (int m = 0; m < MR; ++m) {
+      const float* sums = reinterpret_cast<const float*>(scratch + m * rd.stride + parts_bytes<D, XK>(W));
+      acc[m] = _mm512_fmadd_ps(bias, _mm512_loadu_ps(sums + g), acc[m]);
+    }
   }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(MR == 1 ? _mm512_add_ps(acc[m], acc2[m]) : acc[m]);
 }
 
-template <int BITS, int MR>
-METALQ_FN inline void row_dot_upto(const PackedMatrix& W, int64_t n, const uint8_t* scratch, int64_t rows,
-                                   const __m512i lut, const __m512i lut_high, const __m512i lane_group, float* out) {
+template <class D, ScalarKind XK, int MR>
+METALQ_FN inline void row_dot_upto(const D& dec, const PackedMatrix& W, int64_t n, const uint8_t* scratch,
+                                   int64_t rows, __m512i lane_group, float* out) {
   if constexpr (MR > 1) {
-    if (rows < MR) return row_dot_upto<BITS, MR - 1>(W, n, scratch, rows, lut, lut_high, lane_group, out);
+    if (rows < MR) return row_dot_upto<D, XK, MR - 1>(dec, W, n, scratch, rows, lane_group, out);
   }
-  row_dot<BITS, MR>(W, n, scratch, lut, lut_high, lane_group, out);
+  row_dot<D, XK, MR>(dec, W, n, scratch, lane_group, out);
 }
 
-template <int BITS>
+template <class D, ScalarKind XK>
 METALQ_FN void qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, float* y, int64_t ldy, int64_t n0,
                      int64_t n1) {
-  using L = Layout<BITS>;
   constexpr int kRows = 8;  // rows of x per pass: 8 accumulators + 8 partial sums fit the 32 registers
-  // Field values as bfloat16; 8-bit values are split into nibbles, the high one weighted by 16.
-  constexpr int kFieldMask = BITS == 8 ? 15 : (1 << BITS) - 1;
-  alignas(64) uint16_t low[32], high[32];
-  for (int i = 0; i < 32; ++i) {
-    low[i] = float_to_bf16(float(i & kFieldMask));
-    high[i] = float_to_bf16(16.f * float(i & kFieldMask));
-  }
+  const D dec;
   alignas(64) int32_t groups[16];
-  for (int i = 0; i < 16; ++i) groups[i] = (2 * i * L::kPerLane) >> W.group_shift();
-  const __m512i lut = _mm512_load_si512(low), lut_high = _mm512_load_si512(high);
+  for (int i = 0; i < 16; ++i) groups[i] = (i * D::kPairValues) >> W.group_shift();
   const __m512i lane_group = _mm512_load_si512(groups);
   float r[kRows];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < M; m += kRows) {
       const int64_t rows = M - m < kRows ? M - m : kRows;
-      row_dot_upto<BITS, kRows>(W, n, scratch + m * row_stride_bytes(W), rows, lut, lut_high, lane_group, r);
+      row_dot_upto<D, XK, kRows>(dec, W, n, scratch + m * row_stride_bytes<D, XK>(W), rows, lane_group, r);
       for (int64_t i = 0; i < rows; ++i) y[(m + i) * ldy + n] = r[i];
     }
 }
 
-template <int BITS>
-const Bf16QmmT& kernels_for() {
-  static const Bf16QmmT k{
-      [](const PackedMatrix& W, int64_t M) { return M * row_stride_bytes(W); },
-      [](const PackedMatrix& W, const uint16_t* x, int64_t M, void* s) {
-        prepare_x<BITS>(W, x, M, static_cast<uint8_t*>(s));
+// ---- dequantized tiles for the GEMM of many rows of x --------------------------------------------
+
+METALQ_FN inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+METALQ_FN inline void store16(uint16_t* out, __m512 v) {  // round to nearest even, as torch
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Rows [r0, r1) of W as scale * q + bias (one rounding to float, then to Out), 16 values (one group at
+// most: group sizes are >= 16) at a time.
+template <int BITS, ScalarKind XK, class Out>
+METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  const InOrder<BITS> in_order;
+  const __m512i mask = _mm512_set1_epi16(int16_t((1 << BITS) - 1));
+  const int64_t K = W.cols, G = W.groups_per_row(), row_bytes = W.row_bytes();
+  const int shift = W.group_shift();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wrow = W.w + r * row_bytes;
+    Out* orow = out + (r - r0) * K;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const int64_t left = row_bytes - k0 * BITS / 8;
+      const __m512i q = _mm512_and_si512(in_order.load(wrow + k0 * BITS / 8, left < 4 * BITS ? left : 4 * BITS), mask);
+      for (int h = 0; h < 2 && k0 + 16 * h < K; ++h) {
+        const int64_t g = r * G + ((k0 + 16 * h) >> shift);
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q)));
+        store16(orow + k0 + 16 * h, _mm512_fmadd_ps(qf, _mm512_set1_ps(load_float<XK>(W.scales, g)),
+                                                    _mm512_set1_ps(load_float<XK>(W.biases, g))));
+      }
+    }
+  }
+}
+
+template <class Out>
+void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  auto by_kind = [&](auto bits_tag) {
+    constexpr int B = decltype(bits_tag)::value;
+    switch (W.kind) {
+      case ScalarKind::f32: return dequantize_rows<B, ScalarKind::f32>(W, r0, r1, out);
+      case ScalarKind::f16: return dequantize_rows<B, ScalarKind::f16>(W, r0, r1, out);
+      default: return dequantize_rows<B, ScalarKind::bf16>(W, r0, r1, out);
+    }
+  };
+  switch (W.bits) {
+    case 1: return by_kind(std::integral_constant<int, 1>{});
+    case 2: return by_kind(std::integral_constant<int, 2>{});
+    case 3: return by_kind(std::integral_constant<int, 3>{});
+    case 4: return by_kind(std::integral_constant<int, 4>{});
+    case 5: return by_kind(std::integral_constant<int, 5>{});
+    case 6: return by_kind(std::integral_constant<int, 6>{});
+    default: return by_kind(std::integral_constant<int, 8>{});
+  }
+}
+
+template <int BITS, ScalarKind XK>
+const DotQmmT* kernels_for() {
+  using D = Decoder<BITS>;
+  static const DotQmmT k{
+      [](const PackedMatrix& W, int64_t M) { return M * row_stride_bytes<D, XK>(W); },
+      [](const PackedMatrix& W, const void* x, int64_t M, void* s) {
+        prepare_x<D, XK>(W, x, M, static_cast<uint8_t*>(s));
       },
       [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-        qmm_t<BITS>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
+        qmm_t<D, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
       },
   };
-  return k;
+  return &k;
+}
+
+template <ScalarKind XK>
+const DotQmmT* kernels_for_bits(int bits) {
+  switch (bits) {
+    case 1: return kernels_for<1, XK>();
+    case 2: return kernels_for<2, XK>();
+    case 3: return kernels_for<3, XK>();
+    case 4: return kernels_for<4, XK>();
+    case 5: return kernels_for<5, XK>();
+    case 6: return kernels_for<6, XK>();
+    default: return kernels_for<8, XK>();
+  }
 }
 
 }  // namespace
 
-const Bf16QmmT* kernels(int bits) {
-  switch (bits) {
-    case 1: return &kernels_for<1>();
-    case 2: return &kernels_for<2>();
-    case 4: return &kernels_for<4>();
-    case 8: return &kernels_for<8>();
+void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dequantize(W, r0, r1, out); }
+void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dequantize(W, r0, r1, out); }
+
+const DotQmmT* kernels(int bits, ScalarKind x_kind) {
+  switch (x_kind) {
+    case ScalarKind::bf16: return kernels_for_bits<ScalarKind::bf16>(bits);
+    case ScalarKind::f16: return kernels_for_bits<ScalarKind::f16>(bits);
     default: return nullptr;
   }
 }

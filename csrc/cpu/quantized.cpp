@@ -210,26 +210,25 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   const auto& k = cpu::kernels();
   const cpu::PackedMatrix& W = blocks.front().W;  // every block has W's format
   const int64_t N = W.rows;
-  // bfloat16 activations keep bfloat16 dot products where this CPU has them, and a bfloat16 GEMM
-  // (as a dense bfloat16 linear would); others run in float32.
+  // The fused kernels read x in its dtype where this CPU has dot-product kernels for it, else in float32.
+  // bfloat16 activations get a bfloat16 GEMM (as a dense bfloat16 linear would); others a float32 one.
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
-  const cpu::Bf16QmmT* bf16 = bf16_x && W.code == cpu::ValueCode::uint ? k.bf16_qmm_t(W.bits) : nullptr;
-  const auto x_fused = x.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  const cpu::DotQmmT* dot = W.code == cpu::ValueCode::uint ? k.dot_qmm_t(W.bits, W.kind) : nullptr;
+  const auto x_fused = dot ? x.contiguous() : x.to(at::kFloat).contiguous();
   const auto x_gemm = x.to(bf16_x ? at::kBFloat16 : at::kFloat).contiguous();
   std::vector<at::Tensor> scratch(blocks.size());  // x laid out for the decoder, per fused block
   for (size_t b = 0; b < blocks.size(); ++b) {
     const RowBlock& blk = blocks[b];
     if (blk.fused())
-      scratch[b] = bf16 ? at::empty({bf16->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
+      scratch[b] = dot ? at::empty({dot->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
                         : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
   }
   at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const RowBlock& blk = blocks[b];
       if (!blk.fused()) continue;
-      if (bf16)
-        bf16->prepare_x(blk.W, static_cast<const uint16_t*>(x_fused[blk.row0].data_ptr()), blk.rows,
-                        scratch[b].data_ptr());
+      if (dot)
+        dot->prepare_x(blk.W, x_fused[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
       else
         k.prepare_x(blk.W, x_fused[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
     }
@@ -252,8 +251,8 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
         y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0)
             .copy_(at::mm(x_gemm.narrow(0, blk.row0, blk.rows),
                           dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t()));
-      } else if (bf16) {
-        bf16->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
+      } else if (dot) {
+        dot->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
       } else {
         k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
       }

@@ -21,7 +21,7 @@
 #include "kernels.h"
 #include "params.h"
 
-using metalq::cpu::Bf16QmmT;
+using metalq::cpu::DotQmmT;
 using metalq::cpu::KernelTable;
 using metalq::cpu::PackedMatrix;
 using metalq::cpu::ScalarKind;
@@ -323,22 +323,35 @@ void check_table(const KernelTable& t, int64_t rows, int64_t cols, const Format&
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// The bfloat16-activation product: x is rounded to bfloat16 first, so the reference uses those values.
-void check_bf16(const Bf16QmmT& k, int64_t rows, int64_t cols, int bits, int gs, int64_t M, Rng& rng) {
-  const std::string tag = "bf16 rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
-                          " bits=" + std::to_string(bits) + " gs=" + std::to_string(gs) + " M=" + std::to_string(M);
-  Case c = make_case(rows, cols, Format{bits, gs, ScalarKind::bf16}, rng);
-  std::vector<uint16_t> x(M * cols);
-  for (auto& v : x) v = to_bf16_bits(rng.symmetric());
+// The dot-product x @ W.T: x is stored in the scales' float kind (bfloat16 or float16), so the reference
+// uses the stored values.
+void check_dot(const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, int64_t M, Rng& rng) {
+  const std::string tag = std::string("dot rows=") + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                          " bits=" + std::to_string(f.bits) + " gs=" + std::to_string(f.group_size) +
+                          " kind=" + kind_name(f.kind) + " M=" + std::to_string(M);
+  Case c = make_case(rows, cols, f, rng);
+  std::vector<float> xv(M * cols);
+  std::vector<uint16_t> x16(M * cols);
+  for (int64_t i = 0; i < M * cols; ++i) {
+    const float v = rng.symmetric();
+    if (f.kind == ScalarKind::bf16) {
+      x16[i] = to_bf16_bits(v);
+      xv[i] = bf16_value(x16[i]);
+    } else {
+      const metalq::cpu::float16_storage h = v;
+      std::memcpy(&x16[i], &h, 2);
+      xv[i] = float(h);
+    }
+  }
   std::vector<uint8_t> scratch(k.scratch_bytes(c.W, M));
-  k.prepare_x(c.W, x.data(), M, scratch.data());
+  k.prepare_x(c.W, x16.data(), M, scratch.data());
   std::vector<float> y(M * rows);
   k.qmm_t(c.W, scratch.data(), M, y.data(), rows, 0, rows / 2);
   k.qmm_t(c.W, scratch.data(), M, y.data(), rows, rows / 2, rows);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < rows; ++n) {
       double want = 0;
-      for (int64_t k2 = 0; k2 < cols; ++k2) want += double(bf16_value(x[m * cols + k2])) * c.dense[n * cols + k2];
+      for (int64_t k2 = 0; k2 < cols; ++k2) want += double(xv[m * cols + k2]) * c.dense[n * cols + k2];
       expect_close(y[m * rows + n], want, 1e-4, "qmm_t " + tag);
     }
 }
@@ -353,6 +366,8 @@ int main(int argc, char** argv) {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("bmi2"))
     tables.push_back(&metalq::cpu::avx2::table());
+  // The AVX512-BF16 table: the AVX2 one with its own affine dequantization.
+  if (std::string(metalq::cpu::kernels().isa) == "avx512bf16") tables.push_back(&metalq::cpu::kernels());
 #endif
   int cases = 0, failed = 0;
   auto count = [&](int failures_before) {
@@ -386,16 +401,19 @@ int main(int argc, char** argv) {
         }
   }
 #if defined(__x86_64__) || defined(_M_X64)
-  if (__builtin_cpu_supports("avx512bf16")) {
+  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi")) {
+    // K: a tail only (gs), tails after whole blocks (3 gs, 512 + gs), whole blocks (1024); M = 1, 3, 9 run
+    // 1, 3, 8 + 1 rows per pass.
     Rng rng(4321);
-    for (int bits : {1, 2, 4, 8})
+    for (int bits : metalq::kSupportedBits)
       for (int gs : metalq::kSupportedGroupSizes)
-        for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs), int64_t(1024)})
-          for (int64_t M : {1, 3, 9}) {
-            const int before = failures;
-            check_bf16(*metalq::cpu::avx512_bf16::kernels(bits), 5, cols, bits, gs, M, rng);
-            count(before);
-          }
+        for (ScalarKind kind : {ScalarKind::f16, ScalarKind::bf16})
+          for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs), int64_t(1024)})
+            for (int64_t M : {1, 3, 9}) {
+              const int before = failures;
+              check_dot(*metalq::cpu::avx512_bf16::kernels(bits, kind), 5, cols, Format{bits, gs, kind}, M, rng);
+              count(before);
+            }
   }
 #endif
   // The selection by CPU features (kernels.cpp) runs here too: on arm64 it is the generic table.
