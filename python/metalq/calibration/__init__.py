@@ -4,7 +4,10 @@ rounding to nearest, and a per-layer choice of bits. The output is an ordinary m
 Methods:
     ``"rtn"``: round to nearest, exactly ``mx.quantize`` (what :func:`metalq.quantize_` does).
     ``"clip"``: per-group clipping range search; data-free, or weighted by calibration activations when given.
+    ``"awq"``: activation-aware input scales folded into the op before each layer where the architecture
+    allows (norms, V, up_proj), then the activation-weighted clip search.
     ``"gptq"``: GPTQ error compensation with each layer's input Hessian from calibration activations.
+    ``"dwq"``: GPTQ's codes, then every scale and bias trained to match the float model's outputs (distillation).
 
 ``bpw`` (bits per weight, scales and biases counted at 16 bits each) switches on mixed precision: each
 layer's relative output error is measured for every candidate format and bits go where they lower it most.
@@ -22,13 +25,15 @@ from ..embedding import MetalEmbedding, MetalTiedHead
 from ..linear import MetalLinear
 from ..ops import pack
 from ..quantize import ConfigSpec, _config_resolver, _find, _is_linear
+from .awq import apply_awq
 from .clip import clip_search
 from .codes import metal_linear_from_codes
 from .data import Forward, calibration_batches, default_forward
+from .dwq import EPOCHS, learn_scales_and_biases, teacher_targets
 from .gptq import DAMPING, gptq_quantize
 from .mixed import bits_per_weight, choose_formats
 
-METHODS = ("rtn", "clip", "gptq")
+METHODS = ("rtn", "clip", "awq", "gptq", "dwq")
 # 2 bits is left out: a layer the per-layer estimate calls insensitive at 2 bits still costs the model dearly
 DEFAULT_CANDIDATES = tuple((bits, group_size) for bits in (3, 4, 5, 6, 8) for group_size in (32, 64, 128))
 
@@ -47,6 +52,7 @@ def calibrate(
     batch_size: int = 8,
     max_length: int = 512,
     damping: float = DAMPING,
+    epochs: int = EPOCHS,
 ) -> dict[str, MetalConfig]:
     """Quantize ``model`` in place like :func:`metalq.quantize_`, choosing codes with ``method``.
 
@@ -63,6 +69,7 @@ def calibrate(
         bpw: target bits per weight over the selected layers (mixed precision), from ``candidates``
             (``(bits, group_size)`` pairs).
         damping: GPTQ's damping, a fraction of the mean Hessian diagonal.
+        epochs: passes over the calibration data that ``"dwq"`` trains scales and biases for.
 
     Returns:
         The format chosen for each converted layer, ``{name: MetalConfig}`` (a per-layer config that
@@ -87,17 +94,22 @@ def calibrate(
             raise ValueError(f"calibrate: {fqns[0]}: method {method!r} chooses affine codes; mode is {chosen.mode!r}")
         targets.append((fqns, linear, chosen))
     tied = {id(e.weight): e for e in model.modules() if isinstance(e, nn.Embedding)} if embeddings else {}
-    needs_data = method == "gptq" or bpw is not None
+    needs_data = method in ("awq", "gptq", "dwq") or bpw is not None
     hessians = {}
     if needs_data or calibration is not None:
         if method == "rtn" and bpw is None:
             raise ValueError("calibrate: method 'rtn' takes no calibration data")
         batches = calibration_batches(model, calibration, tokenizer, batch_size, max_length)
-        hessians = collect_hessians(model, [linear for _, linear, _ in targets], batches, forward or default_forward)
+        forward = forward or default_forward
+        hessians = collect_hessians(model, [linear for _, linear, _ in targets], batches, forward)
+        teacher = teacher_targets(model, batches, forward) if method == "dwq" else None
     formats = {fqns[0]: (chosen.bits, chosen.group_size) for fqns, linear, chosen in targets}
+    sources = {}  # float modules to quantize or swap in instead of the model's own (AWQ's scaled copies)
+    if method == "awq":
+        sources, hessians = apply_awq(model, {fqns[0]: linear for fqns, linear, _ in targets}, hessians, formats)
     if bpw is not None:
-        formats = choose_formats({fqns[0]: (linear.weight, hessians[id(linear)]) for fqns, linear, _ in targets},
-                                 bpw, list(candidates))
+        formats = choose_formats({fqns[0]: (sources.get(fqns[0], linear).weight, hessians[id(linear)])
+                                  for fqns, linear, _ in targets}, bpw, list(candidates))
     plan, misfits = [], []
     for fqns, linear, _ in targets:
         if id(linear.weight) in tied:
@@ -111,13 +123,28 @@ def calibrate(
         raise ValueError(f"calibrate: in_features of {', '.join(misfits)} is not a multiple of its group size")
     built = []
     for fqns, linear, bits, group_size in tqdm(plan, desc=f"calibrate ({method})", unit="layer", leave=False):
-        built.append((fqns, quantize_linear(linear, bits, group_size, method, hessians.get(id(linear)), damping)))
+        codes_method = {"dwq": "gptq", "awq": "clip"}.get(method, method)
+        source = sources.pop(fqns[0], linear)
+        built.append((fqns, quantize_linear(source, bits, group_size, codes_method, hessians.get(id(linear)),
+                                            damping)))
+    built += [((name,), module) for name, module in sources.items()]  # AWQ's scaled norms
     if embeddings:
         built += _quantized_embeddings(model, config_for, method, tied, targets)
-    for fqns, new in built:
-        for fqn in fqns:
-            model.set_submodule(fqn, new)
+    originals = [(fqns, model.get_submodule(fqns[0])) for fqns, _ in built]
+    _swap_in(model, built)
+    if method == "dwq":
+        try:
+            learn_scales_and_biases(model, batches, teacher, forward, epochs)
+        except BaseException:  # Ctrl-C included: the float model comes back whole
+            _swap_in(model, originals)
+            raise
     return {fqns[0]: MetalConfig(bits=bits, group_size=group_size) for fqns, _, bits, group_size in plan}
+
+
+def _swap_in(model: nn.Module, modules: list) -> None:
+    for fqns, module in modules:
+        for fqn in fqns:
+            model.set_submodule(fqn, module)
 
 
 def quantize_linear(linear: nn.Linear, bits: int, group_size: int, method: str,
