@@ -70,9 +70,9 @@ struct KernelTable {
   // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
   // K / group_size float scales and biases.
   void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
-  // The dot-product x @ W.T for these bits of the affine format and this float kind of x and scales, or
-  // null where this variant has none (then x runs through prepare_x / qmm_t in float).
-  const DotQmmT* (*dot_qmm_t)(int bits, ScalarKind kind);
+  // The dot-product x @ W.T of `rows` rows of x stored as W.kind, or null where this variant has none for
+  // W's format (then x runs through prepare_x / qmm_t in float).
+  const DotQmmT* (*dot_qmm_t)(const PackedMatrix& W, int64_t rows);
 };
 
 inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
@@ -85,13 +85,17 @@ namespace generic { const KernelTable& table(); }
 namespace avx2 { const KernelTable& table(); }
 namespace avx512_bf16 {
 const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f16 or bf16; null otherwise
+// On AMX-BF16 tiles, for any float kind and group sizes from 32 on; only where amx_available(), which
+// also asks the OS for the tile state.
+bool amx_available();
+const DotQmmT* amx_kernels(int bits, ScalarKind kind);
 // KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
 void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
 void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
 }  // namespace avx512_bf16
 #endif
 
-// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.
+// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16|amx forces a variant.
 const KernelTable& kernels();
 
 }  // namespace metalq::cpu

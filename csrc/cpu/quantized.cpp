@@ -210,27 +210,34 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   const auto& k = cpu::kernels();
   const cpu::PackedMatrix& W = blocks.front().W;  // every block has W's format
   const int64_t N = W.rows;
-  // The fused kernels read x in its dtype where this CPU has dot-product kernels for it, else in float32.
-  // bfloat16 activations get a bfloat16 GEMM (as a dense bfloat16 linear would); others a float32 one.
+  // The fused kernels read x in its dtype where this CPU has dot-product kernels for the block, else in
+  // float32. bfloat16 activations get a bfloat16 GEMM (as a dense bfloat16 linear would); others a float32 one.
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
-  const cpu::DotQmmT* dot = W.code == cpu::ValueCode::uint ? k.dot_qmm_t(W.bits, W.kind) : nullptr;
-  const auto x_fused = dot ? x.contiguous() : x.to(at::kFloat).contiguous();
+  std::vector<const cpu::DotQmmT*> dots(blocks.size(), nullptr);
+  bool float_fused = false;
+  for (size_t b = 0; b < blocks.size(); ++b)
+    if (blocks[b].fused()) {
+      dots[b] = k.dot_qmm_t(blocks[b].W, blocks[b].rows);
+      float_fused = float_fused || !dots[b];
+    }
+  const auto x_dot = x.contiguous();
+  const auto x_float = float_fused ? x.to(at::kFloat).contiguous() : at::Tensor();
   const auto x_gemm = x.to(bf16_x ? at::kBFloat16 : at::kFloat).contiguous();
   std::vector<at::Tensor> scratch(blocks.size());  // x laid out for the decoder, per fused block
   for (size_t b = 0; b < blocks.size(); ++b) {
     const RowBlock& blk = blocks[b];
     if (blk.fused())
-      scratch[b] = dot ? at::empty({dot->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
-                        : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
+      scratch[b] = dots[b] ? at::empty({dots[b]->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
+                           : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
   }
   at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const RowBlock& blk = blocks[b];
       if (!blk.fused()) continue;
-      if (dot)
-        dot->prepare_x(blk.W, x_fused[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
+      if (dots[b])
+        dots[b]->prepare_x(blk.W, x_dot[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
       else
-        k.prepare_x(blk.W, x_fused[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
+        k.prepare_x(blk.W, x_float[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
     }
   });
   struct Tile { int64_t block, n0, n1; };
@@ -251,8 +258,8 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
         y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0)
             .copy_(at::mm(x_gemm.narrow(0, blk.row0, blk.rows),
                           dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t()));
-      } else if (dot) {
-        dot->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
+      } else if (dots[tile.block]) {
+        dots[tile.block]->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
       } else {
         k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
       }
