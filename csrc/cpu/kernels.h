@@ -46,12 +46,17 @@ struct PackedMatrix {
   int group_shift() const { return __builtin_ctz(unsigned(group_size)); }  // group sizes are powers of two
 };
 
+// From this many rows of x on, dequantizing tiles of W into a GEMM beats the fused kernels of x @ W.T that
+// cost as much again for every row of x (the float ones and the dot products).
+constexpr int64_t kGemmMinRows = 16;
+
 // x @ W.T of the affine format on bfloat16 dot products, for x [M, W.cols] stored as W.kind (the dtype of
 // the scales), with float32 accumulation of exact products: as prepare_x / qmm_t below, with scratch_bytes(W, M) bytes of scratch.
 struct DotQmmT {
   int64_t (*scratch_bytes)(const PackedMatrix& W, int64_t M);
   void (*prepare_x)(const PackedMatrix& W, const void* x, int64_t M, void* scratch);
   void (*qmm_t)(const PackedMatrix& W, const void* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+  int64_t gemm_min_rows;  // from this many rows of x on, a GEMM on dequantized tiles is faster
 };
 
 struct KernelTable {

@@ -380,16 +380,25 @@ void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
 
 // ---- AMX: x @ W.T for several rows of x on bfloat16 tile products ----------------------------------
 //
-// A pass takes 4 blocks of 16 rows of W against a chunk of up to 16 rows of x, one step of 32 values of
-// the rows at a time (a group holds whole steps): tile 4 (A) holds a block's 16 rows of the step as
-// bfloat16 integers q in order, tiles 5..7 (B) the step of every row of x, one tile per part of x, as
-// lane pairs (B row i: values 2i and 2i + 1 of x's row 0, then of row 1, ...). Tiles 0..3 (C, one per
-// block, [rows of W, rows of x]) collect one group's exact products, as RowDot's segments do; each
+// A pass takes 4 blocks of 16 rows of W (3 for float32 x) against a chunk of up to 16 rows of x, one step
+// of 32 values of the rows at a time (a group holds whole steps): an A tile (4 and kSecondA, in turns,
+// so a block's decode does not wait for the previous block's products) holds a block's 16 rows of the
+// step as bfloat16 integers q in order; tiles 5..7 (B) the step of every row of x, one tile per part of
+// x, as lane pairs (B row i: values 2i and 2i + 1 of x's row 0, then of row 1, ...). Tiles 0..3 (C, one
+// per block, [rows of W, rows of x]) collect one group's exact products, as RowDot's segments do; each
 // row of C is then scaled by its row's scale into float accumulators in memory, with the bias term.
 
 constexpr int kAmxTileRows = 16;  // rows of W per block, and most rows of x per chunk
-constexpr int kAmxBlocks = 4;     // C tiles: blocks per pass
 constexpr int kAmxStep = 32;      // values per step: 16 lane pairs of bfloat16
+// Each chunk of 16 rows of x decodes W again: from this many rows on, a bfloat16 GEMM on dequantized
+// tiles is faster for bfloat16 x; the float16 and float32 GEMMs are slower up to M = 128 at least
+// (bench_qmm.py, 4 bits).
+template <ScalarKind XK>
+constexpr int64_t kAmxGemmMinRows = XK == ScalarKind::bf16 ? 48 : INT64_MAX;
+template <int P>
+constexpr int kAmxBlocks = P == 3 ? 3 : 4;  // C tiles: blocks per pass
+template <int P>
+constexpr int kSecondA = P == 3 ? 3 : 7;  // the tile neither C nor B uses
 
 // One step of a row as bfloat16 integers, in order, from 4 * BITS bytes.
 template <int BITS>
@@ -443,20 +452,45 @@ METALQ_FN void amx_prepare_x(const PackedMatrix& W, const void* x, int64_t M, ui
   }
 }
 
-// Tile instructions name their tiles by immediates: C tile `block` of the pass.
+// Tile instructions take their tiles' numbers as literals (the intrinsics paste them into the assembly).
+// C tile `block` of the pass += the A tile (4, or the second) times the B tiles.
+#define METALQ_TILE_PRODUCTS(T, A)              \
+  _tile_dpbf16ps(T, A, 5);                      \
+  if constexpr (P > 1) _tile_dpbf16ps(T, A, 6); \
+  if constexpr (P > 2) _tile_dpbf16ps(T, A, 7);
 template <int P>
-METALQ_AMX_FN inline void tile_products(int block) {
-#define METALQ_TILE_PRODUCTS(T)                                   \
-  _tile_dpbf16ps(T, 4, 5);                                        \
-  if constexpr (P > 1) _tile_dpbf16ps(T, 4, 6);                   \
-  if constexpr (P > 2) _tile_dpbf16ps(T, 4, 7);
-  switch (block) {
-    case 0: METALQ_TILE_PRODUCTS(0) break;
-    case 1: METALQ_TILE_PRODUCTS(1) break;
-    case 2: METALQ_TILE_PRODUCTS(2) break;
-    default: METALQ_TILE_PRODUCTS(3) break;
+METALQ_AMX_FN inline void tile_products(int block, bool second) {
+  if (!second) {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 4) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 4) break;
+      case 2: METALQ_TILE_PRODUCTS(2, 4) break;
+      default: METALQ_TILE_PRODUCTS(3, 4) break;
+    }
+  } else if constexpr (kSecondA<P> == 3) {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 3) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 3) break;
+      default: METALQ_TILE_PRODUCTS(2, 3) break;
+    }
+  } else {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 7) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 7) break;
+      case 2: METALQ_TILE_PRODUCTS(2, 7) break;
+      default: METALQ_TILE_PRODUCTS(3, 7) break;
+    }
   }
+}
 #undef METALQ_TILE_PRODUCTS
+template <int P>
+METALQ_AMX_FN inline void load_a(bool second, const uint16_t* a) {  // 16 rows, 64 bytes apart
+  if (!second)
+    _tile_loadd(4, a, 64);
+  else if constexpr (kSecondA<P> == 3)
+    _tile_loadd(3, a, 64);
+  else
+    _tile_loadd(7, a, 64);
 }
 METALQ_AMX_FN inline void zero_tile(int block) {
   switch (block) {
@@ -485,7 +519,7 @@ template <int BITS, ScalarKind XK>
 METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, float* y, int64_t ldy,
                              int64_t n0, int64_t n1) {
   constexpr int P = kParts<XK>;
-  constexpr int64_t kPassRows = kAmxTileRows * kAmxBlocks;
+  constexpr int64_t kPassRows = kAmxTileRows * kAmxBlocks<P>;
   const StepDecoder<BITS> dec;
   const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes(), steps_per_group = W.group_size / kAmxStep;
   std::vector<float> scales(kPassRows * G), biases(kPassRows * G);  // the pass's, as floats
@@ -496,7 +530,7 @@ METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int6
     TileConfig config;
     for (int t = 0; t < 8; ++t) {
       config.rows[t] = kAmxTileRows;
-      config.colsb[t] = uint16_t(t == 4 ? 64 : 4 * rows);
+      config.colsb[t] = uint16_t(t == 4 || t == kSecondA<P> ? 64 : 4 * rows);
     }
     _tile_loadconfig(&config);
     const uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
@@ -520,13 +554,14 @@ METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int6
           if constexpr (P > 1) _tile_loadd(6, xs + b_bytes, 4 * rows);
           if constexpr (P > 2) _tile_loadd(7, xs + 2 * b_bytes, 4 * rows);
           for (int b = 0; b < blocks; ++b) {
-            uint16_t* ab = a[b & 1];
+            const bool second = (s * blocks + b) & 1;
+            uint16_t* ab = a[second];
             const int64_t r0 = b * kAmxTileRows, r1 = pass_rows < r0 + kAmxTileRows ? pass_rows : r0 + kAmxTileRows;
             const uint8_t* wp = W.w + (p0 + r0) * row_bytes + s * 4 * BITS;
             for (int64_t r = r0; r < r1; ++r, wp += row_bytes)
               _mm512_store_si512(ab + (r - r0) * kAmxStep, dec.decode(wp));
-            _tile_loadd(4, ab, 64);
-            tile_products<P>(b);
+            load_a<P>(second, ab);
+            tile_products<P>(b, second);
           }
         }
         const __m512 xsum = _mm512_loadu_ps(sums + g * 16);
@@ -567,6 +602,7 @@ struct Dot {
         [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
           qmm_t<D, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
         },
+        kGemmMinRows,
     };
     return &k;
   }
@@ -583,6 +619,7 @@ struct Amx {
         [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
           amx_qmm_t<BITS, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
         },
+        kAmxGemmMinRows<XK>,
     };
     return &k;
   }
