@@ -31,15 +31,18 @@ const KernelTable& avx512_bf16_table() {
 }
 
 // The AVX512-BF16 table with AMX tile products for more than one row of x: one decode of each block of W
-// serves 16 rows of x, where the dot products cost one instruction per row.
+// serves 16 rows of x, where the dot products cost one instruction per row. For one row the tiles win
+// too where the dot products' x has two or three parts: float32 x (against the AVX2 float kernels) and
+// float16 x at 6 and 8 bits (bench_qmm.py-sized products, timed in turns in one process).
 const KernelTable& amx_table() {
   static const KernelTable t = [] {
     KernelTable k = avx512_bf16_table();
     k.isa = "amx";
     k.dot_qmm_t = [](const PackedMatrix& W, int64_t rows) {
       if (W.code != ValueCode::uint) return static_cast<const DotQmmT*>(nullptr);
-      return rows > 1 && W.group_size >= 32 ? avx512_bf16::amx_kernels(W.bits, W.kind)
-                                            : avx512_bf16::kernels(W.bits, W.kind);
+      const bool tiles = rows > 1 || W.kind == ScalarKind::f32 || (W.kind == ScalarKind::f16 && W.bits >= 6);
+      return tiles && W.group_size >= 32 ? avx512_bf16::amx_kernels(W.bits, W.kind)
+                                         : avx512_bf16::kernels(W.bits, W.kind);
     };
     return k;
   }();

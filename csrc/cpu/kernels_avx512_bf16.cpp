@@ -400,14 +400,52 @@ constexpr int kAmxBlocks = P == 3 ? 3 : 4;  // C tiles: blocks per pass
 template <int P>
 constexpr int kSecondA = P == 3 ? 3 : 7;  // the tile neither C nor B uses
 
-// One step of a row as bfloat16 integers, in order, from 4 * BITS bytes.
+// One step of a row as bfloat16 integers from 4 * BITS bytes, lane l holding value value(l) of the step
+// (any order does: a step's lanes sum into one output and x is laid out to match).
+// 3, 5 and 6 bits: in order, as ByteDecoder.
 template <int BITS>
 struct StepDecoder {
+  static constexpr int value(int l) { return l; }
   ByteDecoder<BITS> bytes;
   METALQ_FN __m512i decode(const uint8_t* p) const { return (__m512i)bytes.field(bytes.load(p), 0, 0); }
 };
+// 1, 2 and 4 bits: the step's bytes broadcast to 16 / BITS copies, copy c shifted by c * BITS, so each
+// uint16 lane's low bits are one value, which the table looks up: no byte permute.
+template <int BITS>
+struct WordStepDecoder {
+  static constexpr int kWords = 2 * BITS;  // uint16 words per step
+  static constexpr int value(int l) { return l % kWords * (16 / BITS) + l / kWords; }
+  __m512i shifts, table;
+  METALQ_FN WordStepDecoder() : table(integer_table((1 << BITS) - 1, 1, 0)) {
+    alignas(64) uint16_t sh[32];
+    for (int l = 0; l < 32; ++l) sh[l] = uint16_t(l / kWords * BITS);
+    shifts = _mm512_load_si512(sh);
+  }
+  METALQ_FN __m512i decode(const uint8_t* p) const {
+    __m512i w;
+    if constexpr (BITS == 4) {
+      w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else if constexpr (BITS == 2) {
+      int64_t v;
+      std::memcpy(&v, p, 8);
+      w = _mm512_set1_epi64(v);
+    } else {
+      int32_t v;
+      std::memcpy(&v, p, 4);
+      w = _mm512_set1_epi32(v);
+    }
+    return _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, shifts), table);
+  }
+};
+template <>
+struct StepDecoder<1> : WordStepDecoder<1> {};
+template <>
+struct StepDecoder<2> : WordStepDecoder<2> {};
+template <>
+struct StepDecoder<4> : WordStepDecoder<4> {};
 template <>
 struct StepDecoder<8> {  // 8-bit values leave no index bits to spare for a table: convert through float
+  static constexpr int value(int l) { return l; }
   METALQ_FN __m512i decode(const uint8_t* p) const {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
@@ -430,7 +468,7 @@ int64_t amx_scratch_bytes(const PackedMatrix& W, int64_t M) {
   return full * amx_chunk_bytes<XK>(W, kAmxTileRows) + (rest ? amx_chunk_bytes<XK>(W, rest) : 0);
 }
 
-template <ScalarKind XK>
+template <int BITS, ScalarKind XK>
 METALQ_FN void amx_prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_t* scratch) {
   constexpr int P = kParts<XK>;
   const int64_t K = W.cols;
@@ -444,9 +482,10 @@ METALQ_FN void amx_prepare_x(const PackedMatrix& W, const void* x, int64_t M, ui
     const int64_t part_stride = 16 * 2 * rows;  // uint16 per B tile
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t k = 0; k < K; ++k) xf[k] = load_float<XK>(x, (m0 + i) * K + k);
-      for (int64_t k = 0; k < K; ++k)
-        bf16_parts<P>(xf[k], tiles + k / kAmxStep * P * part_stride + (k % kAmxStep / 2) * 2 * rows + 2 * i + k % 2,
-                      part_stride);
+      for (int64_t s = 0; s < K / kAmxStep; ++s)
+        for (int l = 0; l < kAmxStep; ++l)
+          bf16_parts<P>(xf[s * kAmxStep + StepDecoder<BITS>::value(l)],
+                        tiles + s * P * part_stride + l / 2 * 2 * rows + 2 * i + l % 2, part_stride);
       group_sums(W, xf.data(), sums + i, 16);
     }
   }
@@ -614,7 +653,7 @@ struct Amx {
     static const DotQmmT k{
         amx_scratch_bytes<XK>,
         [](const PackedMatrix& W, const void* x, int64_t M, void* s) {
-          amx_prepare_x<XK>(W, x, M, static_cast<uint8_t*>(s));
+          amx_prepare_x<BITS, XK>(W, x, M, static_cast<uint8_t*>(s));
         },
         [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
           amx_qmm_t<BITS, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);

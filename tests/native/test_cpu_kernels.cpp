@@ -420,13 +420,13 @@ int main(int argc, char** argv) {
   }
   if (metalq::cpu::avx512_bf16::amx_available()) {
     // Rows of W: a part of one block (5), and per thread's half a whole pass and then part of one (2 x 70);
-    // M = 2, 17 and 33: a part of a chunk of x's rows, whole chunks and part of one. float32 x too (3 parts).
+    // M = 1, 2, 17 and 33: parts of a chunk of x's rows, whole chunks and part of one. float32 x too (3 parts).
     Rng rng(2468);
     for (int bits : metalq::kSupportedBits)
       for (int gs : {32, 64, 128})
         for (ScalarKind kind : {ScalarKind::f32, ScalarKind::f16, ScalarKind::bf16})
           for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs)})
-            for (int64_t M : {2, 17, 33}) {
+            for (int64_t M : {1, 2, 17, 33}) {
               const int before = failures;
               check_dot("amx", *metalq::cpu::avx512_bf16::amx_kernels(bits, kind), M == 17 ? 140 : 5, cols,
                         Format{bits, gs, kind}, M, rng);
