@@ -390,11 +390,12 @@ void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
 
 constexpr int kAmxTileRows = 16;  // rows of W per block, and most rows of x per chunk
 constexpr int kAmxStep = 32;      // values per step: 16 lane pairs of bfloat16
-// Each chunk of 16 rows of x decodes W again: from this many rows on, a bfloat16 GEMM on dequantized
-// tiles is faster for bfloat16 x; the float16 and float32 GEMMs are slower up to M = 128 at least
-// (bench_qmm.py, 4 bits).
+// Each chunk of 16 rows of x decodes W again: from this many rows on, a GEMM on dequantized tiles is
+// faster. bfloat16's GEMM is the quicker one; the float32 GEMM (float16 x runs one too) loses to the
+// tiles up to M = 128 on a 4096 x 14336 matrix (bench_qmm.py) but wins on small cache-resident ones at
+// many rows (the MiniLM demo's 384 x 1536 at M ~ 1000).
 template <ScalarKind XK>
-constexpr int64_t kAmxGemmMinRows = XK == ScalarKind::bf16 ? 48 : INT64_MAX;
+constexpr int64_t kAmxGemmMinRows = XK == ScalarKind::bf16 ? 48 : 256;
 template <int P>
 constexpr int kAmxBlocks = P == 3 ? 3 : 4;  // C tiles: blocks per pass
 template <int P>

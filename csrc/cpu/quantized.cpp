@@ -241,8 +241,13 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   });
   struct Tile { int64_t block, n0, n1; };
   std::vector<Tile> tiles;
+  // GEMM tiles: at most kTileRows rows each, as many as a multiple of the threads, so a small W (a few
+  // tiles) still keeps every thread equally busy.
+  const int64_t threads = at::get_num_threads();
+  const int64_t gemm_tiles = ((N + kTileRows - 1) / kTileRows + threads - 1) / threads * threads;
+  const int64_t gemm_step = std::max<int64_t>((N + gemm_tiles - 1) / gemm_tiles, 1);
   for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
-    const int64_t step = fused[b] ? kFusedTileRows : kTileRows;
+    const int64_t step = fused[b] ? kFusedTileRows : gemm_step;
     for (int64_t n0 = 0; n0 < N; n0 += step) tiles.push_back({b, n0, std::min(N, n0 + step)});
   }
   auto y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
