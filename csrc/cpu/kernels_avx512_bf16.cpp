@@ -1,10 +1,10 @@
 // x @ W.T on AVX512-BF16 dot products, for every bit width and bfloat16 or float16 x (the scales and
-// biases have x's dtype).
+// biases have x's dtype), and on AMX-BF16 tile products for every float x (the AMX section below).
 //
 // x is split exactly into bfloat16 parts: bfloat16 is one part, float16 (11 significant bits) two, the
-// value truncated to bfloat16 and the remainder. bfloat16 holds every q < 256, so each product q * part
-// is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and part. (float32 x
-// would take three parts: measured slower than the AVX2 float kernels at M = 8, so it stays there.)
+// value truncated to bfloat16 and the remainder, float32 three. bfloat16 holds every q < 256, so each
+// product q * part is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and
+// part. (Three parts of float32 x measured slower than the AVX2 float kernels at M = 8; AMX takes them.)
 //
 // A decoder turns a block of a packed row into sub-vectors of 32 uint16 lanes whose low bits index a
 // table of bfloat16 integers (vpermw, which reads 5 index bits; vpermi2w, 6 bits, for 6-bit values):
