@@ -196,6 +196,7 @@ def run_with_isa(isa, code):
 
 ISA_FLAGS = {"generic": set(), "avx2": {"avx2", "fma", "f16c", "bmi2"}}
 ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx2"] | {"avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"}
+ISA_FLAGS["amx"] = ISA_FLAGS["avx512bf16"] | {"amx_tile", "amx_bf16"}
 
 
 def cpu_flags():

@@ -46,12 +46,17 @@ struct PackedMatrix {
   int group_shift() const { return __builtin_ctz(unsigned(group_size)); }  // group sizes are powers of two
 };
 
+// From this many rows of x on, dequantizing tiles of W into a GEMM beats the fused kernels of x @ W.T that
+// cost as much again for every row of x (the float ones and the dot products).
+constexpr int64_t kGemmMinRows = 16;
+
 // x @ W.T of the affine format on bfloat16 dot products, for x [M, W.cols] stored as W.kind (the dtype of
 // the scales), with float32 accumulation of exact products: as prepare_x / qmm_t below, with scratch_bytes(W, M) bytes of scratch.
 struct DotQmmT {
   int64_t (*scratch_bytes)(const PackedMatrix& W, int64_t M);
   void (*prepare_x)(const PackedMatrix& W, const void* x, int64_t M, void* scratch);
   void (*qmm_t)(const PackedMatrix& W, const void* scratch, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+  int64_t gemm_min_rows;  // from this many rows of x on, a GEMM on dequantized tiles is faster
 };
 
 struct KernelTable {
@@ -70,9 +75,9 @@ struct KernelTable {
   // One row of K finite floats quantized as mx.quantize does: q[K] values (not yet packed) and
   // K / group_size float scales and biases.
   void (*quantize_row)(const float* w, int64_t K, int group_size, int bits, uint8_t* q, float* scales, float* biases);
-  // The dot-product x @ W.T for these bits of the affine format and this float kind of x and scales, or
-  // null where this variant has none (then x runs through prepare_x / qmm_t in float).
-  const DotQmmT* (*dot_qmm_t)(int bits, ScalarKind kind);
+  // The dot-product x @ W.T of `rows` rows of x stored as W.kind, or null where this variant has none for
+  // W's format (then x runs through prepare_x / qmm_t in float).
+  const DotQmmT* (*dot_qmm_t)(const PackedMatrix& W, int64_t rows);
 };
 
 inline int64_t qmm_t_scratch_floats(const PackedMatrix& W, int64_t M) {
@@ -85,13 +90,17 @@ namespace generic { const KernelTable& table(); }
 namespace avx2 { const KernelTable& table(); }
 namespace avx512_bf16 {
 const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f16 or bf16; null otherwise
+// On AMX-BF16 tiles, for any float kind and group sizes from 32 on; only where amx_available(), which
+// also asks the OS for the tile state.
+bool amx_available();
+const DotQmmT* amx_kernels(int bits, ScalarKind kind);
 // KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
 void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
 void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);
 }  // namespace avx512_bf16
 #endif
 
-// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16 forces a variant.
+// The fastest table this CPU supports; METALQ_CPU_ISA=generic|avx2|avx512bf16|amx forces a variant.
 const KernelTable& kernels();
 
 }  // namespace metalq::cpu

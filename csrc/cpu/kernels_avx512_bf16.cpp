@@ -1,10 +1,10 @@
 // x @ W.T on AVX512-BF16 dot products, for every bit width and bfloat16 or float16 x (the scales and
-// biases have x's dtype).
+// biases have x's dtype), and on AMX-BF16 tile products for every float x (the AMX section below).
 //
 // x is split exactly into bfloat16 parts: bfloat16 is one part, float16 (11 significant bits) two, the
-// value truncated to bfloat16 and the remainder. bfloat16 holds every q < 256, so each product q * part
-// is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and part. (float32 x
-// would take three parts: measured slower than the AVX2 float kernels at M = 8, so it stays there.)
+// value truncated to bfloat16 and the remainder, float32 three. bfloat16 holds every q < 256, so each
+// product q * part is exact and vdpbf16ps sums them in float32, at one dot product per 32 weights and
+// part. (Three parts of float32 x measured slower than the AVX2 float kernels at M = 8; AMX takes them.)
 //
 // A decoder turns a block of a packed row into sub-vectors of 32 uint16 lanes whose low bits index a
 // table of bfloat16 integers (vpermw, which reads 5 index bits; vpermi2w, 6 bits, for 6-bit values):
@@ -20,7 +20,10 @@
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <type_traits>
@@ -30,7 +33,9 @@
 // every caller.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define METALQ_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,avx2,fma,f16c,bmi2")))
+#define METALQ_ISA_FEATURES "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,avx2,fma,f16c,bmi2"
+#define METALQ_FN __attribute__((target(METALQ_ISA_FEATURES)))
+#define METALQ_AMX_FN __attribute__((target(METALQ_ISA_FEATURES ",amx-tile,amx-bf16")))
 
 namespace metalq::cpu::avx512_bf16 {
 namespace {
@@ -108,7 +113,7 @@ struct ByteDecoder {
   static constexpr int value(int, int j) { return j; }
   __m512i low, high;
   InOrder<BITS> in_order;
-  METALQ_FN ByteDecoder() : low(integer_table(BITS == 3 ? 7 : 31, 1, 0)), high(integer_table(31, 1, 32)) {}
+  METALQ_FN ByteDecoder() : low(integer_table(BITS == 6 ? 31 : (1 << BITS) - 1, 1, 0)), high(integer_table(31, 1, 32)) {}
   METALQ_FN __m512i load(const uint8_t* p) const { return in_order.load(p, kBytes); }
   METALQ_FN __m512i load_partial(const uint8_t* p, int64_t bytes) const { return in_order.load(p, bytes); }
   METALQ_FN __m512bh field(__m512i w, int, int) const {
@@ -123,7 +128,31 @@ using Decoder = std::conditional_t<32 % BITS == 0, WordDecoder<BITS>, ByteDecode
 // ---- x and the scales in their float kind ----------------------------------------------------------
 
 template <ScalarKind XK>
-constexpr int kParts = XK == ScalarKind::bf16 ? 1 : 2;
+constexpr int kParts = XK == ScalarKind::bf16 ? 1 : (XK == ScalarKind::f16 ? 2 : 3);
+
+// v as the sum of P bfloat16 values parts[p * stride], each the rest so far truncated: exact for one part
+// of a bfloat16 value, two of a float16 one and three of a float32 one.
+template <int P>
+inline void bf16_parts(float v, uint16_t* parts, int64_t stride) {
+  for (int p = 0; p < P; ++p) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t part = u & 0xFFFF0000u;
+    parts[p * stride] = uint16_t(part >> 16);
+    float h;
+    std::memcpy(&h, &part, 4);
+    v -= h;  // exact: h is v truncated
+  }
+}
+
+// sums[g * stride] = the sum of xf over group g, in order.
+inline void group_sums(const PackedMatrix& W, const float* xf, float* sums, int64_t stride) {
+  for (int64_t g = 0; g < W.groups_per_row(); ++g) {
+    float s = 0.f;
+    for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; ++k) s += xf[k];
+    sums[g * stride] = s;
+  }
+}
 
 template <ScalarKind XK>
 METALQ_FN inline float load_float(const void* p, int64_t i) {
@@ -142,8 +171,8 @@ METALQ_FN inline float load_float(const void* p, int64_t i) {
 // Values i .. i + min(count, 16) of p as floats, zero beyond.
 template <ScalarKind XK>
 METALQ_FN inline __m512 load_floats(const void* p, int64_t i, int64_t count) {
-  static_assert(XK != ScalarKind::f32, "float32 x runs in the AVX2 kernels");
   const __mmask16 mask = _bzhi_u32(0xFFFFu, count >= 16 ? 16 : unsigned(count));
+  if constexpr (XK == ScalarKind::f32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
   if constexpr (XK == ScalarKind::f16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -162,7 +191,7 @@ int64_t row_stride_bytes(const PackedMatrix& W) { return parts_bytes<D, XK>(W) +
 template <class D, ScalarKind XK>
 METALQ_FN void prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_t* scratch) {
   constexpr int P = kParts<XK>;
-  const int64_t K = W.cols, G = W.groups_per_row(), blocks = blocks_per_row<D>(W);
+  const int64_t K = W.cols, blocks = blocks_per_row<D>(W);
   std::vector<float> xf(blocks * D::kValues);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < int64_t(xf.size()); ++k) xf[k] = k < K ? load_float<XK>(x, m * K + k) : 0.f;
@@ -170,22 +199,10 @@ METALQ_FN void prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_
     uint16_t* parts = reinterpret_cast<uint16_t*>(row);
     for (int64_t b = 0; b < blocks; ++b)
       for (int t = 0; t < D::kSub; ++t)
-        for (int j = 0; j < 32; ++j) {
-          uint32_t rest;
-          std::memcpy(&rest, &xf[b * D::kValues + D::value(t, j)], 4);
-          for (int p = 0; p < P; ++p) {
-            const uint32_t part = rest & 0xFFFF0000u;
-            parts[((b * D::kSub + t) * P + p) * 32 + j] = uint16_t(part >> 16);
-            float r, h;
-            std::memcpy(&r, &rest, 4);
-            std::memcpy(&h, &part, 4);
-            r -= h;  // exact: h is r truncated
-            std::memcpy(&rest, &r, 4);
-          }
-        }
+        for (int j = 0; j < 32; ++j)
+          bf16_parts<P>(xf[b * D::kValues + D::value(t, j)], parts + (b * D::kSub + t) * P * 32 + j, 32);
     std::vector<float> sums(padded_groups(W), 0.f);
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; ++k) sums[g] += xf[k];
+    group_sums(W, xf.data(), sums.data(), 1);
     std::memcpy(row + parts_bytes<D, XK>(W), sums.data(), sums.size() * 4);
   }
 }
@@ -335,53 +352,322 @@ METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Ou
   }
 }
 
+// f(std::integral_constant<int, bits>{}) for a supported bit width.
+template <class F>
+decltype(auto) with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 template <class Out>
 void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
-  auto by_kind = [&](auto bits_tag) {
+  with_bits(W.bits, [&](auto bits_tag) {
     constexpr int B = decltype(bits_tag)::value;
     switch (W.kind) {
       case ScalarKind::f32: return dequantize_rows<B, ScalarKind::f32>(W, r0, r1, out);
       case ScalarKind::f16: return dequantize_rows<B, ScalarKind::f16>(W, r0, r1, out);
       default: return dequantize_rows<B, ScalarKind::bf16>(W, r0, r1, out);
     }
-  };
-  switch (W.bits) {
-    case 1: return by_kind(std::integral_constant<int, 1>{});
-    case 2: return by_kind(std::integral_constant<int, 2>{});
-    case 3: return by_kind(std::integral_constant<int, 3>{});
-    case 4: return by_kind(std::integral_constant<int, 4>{});
-    case 5: return by_kind(std::integral_constant<int, 5>{});
-    case 6: return by_kind(std::integral_constant<int, 6>{});
-    default: return by_kind(std::integral_constant<int, 8>{});
+  });
+}
+
+// ---- AMX: x @ W.T for several rows of x on bfloat16 tile products ----------------------------------
+//
+// A pass takes 4 blocks of 16 rows of W (3 for float32 x) against a chunk of up to 16 rows of x, one step
+// of 32 values of the rows at a time (a group holds whole steps): an A tile (4 and kSecondA, in turns,
+// so a block's decode does not wait for the previous block's products) holds a block's 16 rows of the
+// step as bfloat16 integers q in order; tiles 5..7 (B) the step of every row of x, one tile per part of
+// x, as lane pairs (B row i: values 2i and 2i + 1 of x's row 0, then of row 1, ...). Tiles 0..3 (C, one
+// per block, [rows of W, rows of x]) collect one group's exact products, as RowDot's segments do; each
+// row of C is then scaled by its row's scale into float accumulators in memory, with the bias term.
+
+constexpr int kAmxTileRows = 16;  // rows of W per block, and most rows of x per chunk
+constexpr int kAmxStep = 32;      // values per step: 16 lane pairs of bfloat16
+// Each chunk of 16 rows of x decodes W again: from this many rows on, a GEMM on dequantized tiles is
+// faster. bfloat16's GEMM is the quicker one; the float32 GEMM (float16 x runs one too) loses to the
+// tiles up to M = 128 on a 4096 x 14336 matrix (bench_qmm.py) but wins on small cache-resident ones at
+// many rows (the MiniLM demo's 384 x 1536 at M ~ 1000).
+template <ScalarKind XK>
+constexpr int64_t kAmxGemmMinRows = XK == ScalarKind::bf16 ? 48 : 256;
+template <int P>
+constexpr int kAmxBlocks = P == 3 ? 3 : 4;  // C tiles: blocks per pass
+template <int P>
+constexpr int kSecondA = P == 3 ? 3 : 7;  // the tile neither C nor B uses
+
+// One step of a row as bfloat16 integers from 4 * BITS bytes, lane l holding value value(l) of the step
+// (any order does: a step's lanes sum into one output and x is laid out to match).
+// 3, 5 and 6 bits: in order, as ByteDecoder.
+template <int BITS>
+struct StepDecoder {
+  static constexpr int value(int l) { return l; }
+  ByteDecoder<BITS> bytes;
+  METALQ_FN __m512i decode(const uint8_t* p) const { return (__m512i)bytes.field(bytes.load(p), 0, 0); }
+};
+// 1, 2 and 4 bits: the step's bytes broadcast to 16 / BITS copies, copy c shifted by c * BITS, so each
+// uint16 lane's low bits are one value, which the table looks up: no byte permute.
+template <int BITS>
+struct WordStepDecoder {
+  static constexpr int kWords = 2 * BITS;  // uint16 words per step
+  static constexpr int value(int l) { return l % kWords * (16 / BITS) + l / kWords; }
+  __m512i shifts, table;
+  METALQ_FN WordStepDecoder() : table(integer_table((1 << BITS) - 1, 1, 0)) {
+    alignas(64) uint16_t sh[32];
+    for (int l = 0; l < 32; ++l) sh[l] = uint16_t(l / kWords * BITS);
+    shifts = _mm512_load_si512(sh);
   }
+  METALQ_FN __m512i decode(const uint8_t* p) const {
+    __m512i w;
+    if constexpr (BITS == 4) {
+      w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else if constexpr (BITS == 2) {
+      int64_t v;
+      std::memcpy(&v, p, 8);
+      w = _mm512_set1_epi64(v);
+    } else {
+      int32_t v;
+      std::memcpy(&v, p, 4);
+      w = _mm512_set1_epi32(v);
+    }
+    return _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, shifts), table);
+  }
+};
+template <>
+struct StepDecoder<1> : WordStepDecoder<1> {};
+template <>
+struct StepDecoder<2> : WordStepDecoder<2> {};
+template <>
+struct StepDecoder<4> : WordStepDecoder<4> {};
+template <>
+struct StepDecoder<8> {  // 8-bit values leave no index bits to spare for a table: convert through float
+  static constexpr int value(int l) { return l; }
+  METALQ_FN __m512i decode(const uint8_t* p) const {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+};
+
+// Scratch per chunk of x's rows (all chunks but the last have kAmxTileRows): the B tiles, step after
+// step (within a step: part, then 16 lane pairs of `rows` rows), then 16 floats per group, the
+// per-group sums of x for each row of the chunk (zero past `rows`).
+template <ScalarKind XK>
+int64_t amx_tiles_bytes(const PackedMatrix& W, int64_t rows) { return W.cols / kAmxStep * kParts<XK> * 64 * rows; }
+template <ScalarKind XK>
+int64_t amx_chunk_bytes(const PackedMatrix& W, int64_t rows) {
+  return amx_tiles_bytes<XK>(W, rows) + W.groups_per_row() * 64;
+}
+template <ScalarKind XK>
+int64_t amx_scratch_bytes(const PackedMatrix& W, int64_t M) {
+  const int64_t full = M / kAmxTileRows, rest = M % kAmxTileRows;
+  return full * amx_chunk_bytes<XK>(W, kAmxTileRows) + (rest ? amx_chunk_bytes<XK>(W, rest) : 0);
 }
 
 template <int BITS, ScalarKind XK>
-const DotQmmT* kernels_for() {
-  using D = Decoder<BITS>;
-  static const DotQmmT k{
-      [](const PackedMatrix& W, int64_t M) { return M * row_stride_bytes<D, XK>(W); },
-      [](const PackedMatrix& W, const void* x, int64_t M, void* s) {
-        prepare_x<D, XK>(W, x, M, static_cast<uint8_t*>(s));
-      },
-      [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-        qmm_t<D, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
-      },
-  };
-  return &k;
+METALQ_FN void amx_prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_t* scratch) {
+  constexpr int P = kParts<XK>;
+  const int64_t K = W.cols;
+  std::vector<float> xf(K);
+  for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
+    const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
+    uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
+    uint16_t* tiles = reinterpret_cast<uint16_t*>(chunk);
+    float* sums = reinterpret_cast<float*>(chunk + amx_tiles_bytes<XK>(W, rows));
+    std::memset(sums, 0, W.groups_per_row() * 64);
+    const int64_t part_stride = 16 * 2 * rows;  // uint16 per B tile
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t k = 0; k < K; ++k) xf[k] = load_float<XK>(x, (m0 + i) * K + k);
+      for (int64_t s = 0; s < K / kAmxStep; ++s)
+        for (int l = 0; l < kAmxStep; ++l)
+          bf16_parts<P>(xf[s * kAmxStep + StepDecoder<BITS>::value(l)],
+                        tiles + s * P * part_stride + l / 2 * 2 * rows + 2 * i + l % 2, part_stride);
+      group_sums(W, xf.data(), sums + i, 16);
+    }
+  }
 }
 
-template <ScalarKind XK>
-const DotQmmT* kernels_for_bits(int bits) {
-  switch (bits) {
-    case 1: return kernels_for<1, XK>();
-    case 2: return kernels_for<2, XK>();
-    case 3: return kernels_for<3, XK>();
-    case 4: return kernels_for<4, XK>();
-    case 5: return kernels_for<5, XK>();
-    case 6: return kernels_for<6, XK>();
-    default: return kernels_for<8, XK>();
+// Tile instructions take their tiles' numbers as literals (the intrinsics paste them into the assembly).
+// C tile `block` of the pass += the A tile (4, or the second) times the B tiles.
+#define METALQ_TILE_PRODUCTS(T, A)              \
+  _tile_dpbf16ps(T, A, 5);                      \
+  if constexpr (P > 1) _tile_dpbf16ps(T, A, 6); \
+  if constexpr (P > 2) _tile_dpbf16ps(T, A, 7);
+template <int P>
+METALQ_AMX_FN inline void tile_products(int block, bool second) {
+  if (!second) {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 4) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 4) break;
+      case 2: METALQ_TILE_PRODUCTS(2, 4) break;
+      default: METALQ_TILE_PRODUCTS(3, 4) break;
+    }
+  } else if constexpr (kSecondA<P> == 3) {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 3) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 3) break;
+      default: METALQ_TILE_PRODUCTS(2, 3) break;
+    }
+  } else {
+    switch (block) {
+      case 0: METALQ_TILE_PRODUCTS(0, 7) break;
+      case 1: METALQ_TILE_PRODUCTS(1, 7) break;
+      case 2: METALQ_TILE_PRODUCTS(2, 7) break;
+      default: METALQ_TILE_PRODUCTS(3, 7) break;
+    }
   }
+}
+#undef METALQ_TILE_PRODUCTS
+template <int P>
+METALQ_AMX_FN inline void load_a(bool second, const uint16_t* a) {  // 16 rows, 64 bytes apart
+  if (!second)
+    _tile_loadd(4, a, 64);
+  else if constexpr (kSecondA<P> == 3)
+    _tile_loadd(3, a, 64);
+  else
+    _tile_loadd(7, a, 64);
+}
+METALQ_AMX_FN inline void zero_tile(int block) {
+  switch (block) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
+  }
+}
+METALQ_AMX_FN inline void store_tile(int block, float* out) {  // 16 rows, 64 bytes apart
+  switch (block) {
+    case 0: _tile_stored(0, out, 64); break;
+    case 1: _tile_stored(1, out, 64); break;
+    case 2: _tile_stored(2, out, 64); break;
+    default: _tile_stored(3, out, 64); break;
+  }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int BITS, ScalarKind XK>
+METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, float* y, int64_t ldy,
+                             int64_t n0, int64_t n1) {
+  constexpr int P = kParts<XK>;
+  constexpr int64_t kPassRows = kAmxTileRows * kAmxBlocks<P>;
+  const StepDecoder<BITS> dec;
+  const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes(), steps_per_group = W.group_size / kAmxStep;
+  std::vector<float> scales(kPassRows * G), biases(kPassRows * G);  // the pass's, as floats
+  alignas(64) uint16_t a[2][kAmxTileRows * kAmxStep] = {};  // A, alternately (rows past the last row of W stay 0)
+  alignas(64) float c[kAmxTileRows * 16] = {}, acc[kPassRows * 16];
+  for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
+    const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = kAmxTileRows;
+      config.colsb[t] = uint16_t(t == 4 || t == kSecondA<P> ? 64 : 4 * rows);
+    }
+    _tile_loadconfig(&config);
+    const uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
+    const float* sums = reinterpret_cast<const float*>(chunk + amx_tiles_bytes<XK>(W, rows));
+    const int64_t b_bytes = 64 * rows;  // one B tile
+    for (int64_t p0 = n0; p0 < n1; p0 += kPassRows) {
+      const int64_t pass_rows = n1 - p0 < kPassRows ? n1 - p0 : kPassRows;
+      const int blocks = int((pass_rows + kAmxTileRows - 1) / kAmxTileRows);
+      for (int64_t r = 0; r < pass_rows; ++r)
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 mask = _bzhi_u32(0xFFFFu, G - g >= 16 ? 16 : unsigned(G - g));
+          _mm512_mask_storeu_ps(&scales[r * G + g], mask, load_floats<XK>(W.scales, (p0 + r) * G + g, G - g));
+          _mm512_mask_storeu_ps(&biases[r * G + g], mask, load_floats<XK>(W.biases, (p0 + r) * G + g, G - g));
+        }
+      for (int64_t i = 0; i < pass_rows * 16; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
+      for (int64_t g = 0; g < G; ++g) {
+        for (int b = 0; b < blocks; ++b) zero_tile(b);
+        for (int64_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+          const uint8_t* xs = chunk + s * P * b_bytes;
+          _tile_loadd(5, xs, 4 * rows);
+          if constexpr (P > 1) _tile_loadd(6, xs + b_bytes, 4 * rows);
+          if constexpr (P > 2) _tile_loadd(7, xs + 2 * b_bytes, 4 * rows);
+          for (int b = 0; b < blocks; ++b) {
+            const bool second = (s * blocks + b) & 1;
+            uint16_t* ab = a[second];
+            const int64_t r0 = b * kAmxTileRows, r1 = pass_rows < r0 + kAmxTileRows ? pass_rows : r0 + kAmxTileRows;
+            const uint8_t* wp = W.w + (p0 + r0) * row_bytes + s * 4 * BITS;
+            for (int64_t r = r0; r < r1; ++r, wp += row_bytes)
+              _mm512_store_si512(ab + (r - r0) * kAmxStep, dec.decode(wp));
+            load_a<P>(second, ab);
+            tile_products<P>(b, second);
+          }
+        }
+        const __m512 xsum = _mm512_loadu_ps(sums + g * 16);
+        for (int b = 0; b < blocks; ++b) {
+          store_tile(b, c);
+          const int64_t r0 = b * kAmxTileRows, r1 = pass_rows < r0 + kAmxTileRows ? pass_rows : r0 + kAmxTileRows;
+          for (int64_t r = r0; r < r1; ++r) {
+            __m512 v = _mm512_load_ps(acc + r * 16);
+            v = _mm512_fmadd_ps(_mm512_set1_ps(scales[r * G + g]), _mm512_load_ps(c + (r - r0) * 16), v);
+            _mm512_store_ps(acc + r * 16, _mm512_fmadd_ps(_mm512_set1_ps(biases[r * G + g]), xsum, v));
+          }
+        }
+      }
+      for (int64_t r = 0; r < pass_rows; ++r)
+        for (int64_t i = 0; i < rows; ++i) y[(m0 + i) * ldy + p0 + r] = acc[r * 16 + i];
+    }
+  }
+  _tile_release();
+}
+
+// Asks Linux for the AMX tile state (off by default for each process); true once granted.
+bool request_amx() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// ---- the kernel tables -------------------------------------------------------------------------
+
+template <int BITS, ScalarKind XK>
+struct Dot {
+  using D = Decoder<BITS>;
+  static const DotQmmT* get() {
+    static const DotQmmT k{
+        [](const PackedMatrix& W, int64_t M) { return M * row_stride_bytes<D, XK>(W); },
+        [](const PackedMatrix& W, const void* x, int64_t M, void* s) {
+          prepare_x<D, XK>(W, x, M, static_cast<uint8_t*>(s));
+        },
+        [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+          qmm_t<D, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
+        },
+        kGemmMinRows,
+    };
+    return &k;
+  }
+};
+
+template <int BITS, ScalarKind XK>
+struct Amx {
+  static const DotQmmT* get() {
+    static const DotQmmT k{
+        amx_scratch_bytes<XK>,
+        [](const PackedMatrix& W, const void* x, int64_t M, void* s) {
+          amx_prepare_x<BITS, XK>(W, x, M, static_cast<uint8_t*>(s));
+        },
+        [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+          amx_qmm_t<BITS, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
+        },
+        kAmxGemmMinRows<XK>,
+    };
+    return &k;
+  }
+};
+
+template <template <int, ScalarKind> class Kernels, ScalarKind XK>
+const DotQmmT* for_bits(int bits) {
+  return with_bits(bits, [](auto bits_tag) { return Kernels<decltype(bits_tag)::value, XK>::get(); });
 }
 
 }  // namespace
@@ -391,8 +677,27 @@ void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* ou
 
 const DotQmmT* kernels(int bits, ScalarKind x_kind) {
   switch (x_kind) {
-    case ScalarKind::bf16: return kernels_for_bits<ScalarKind::bf16>(bits);
-    case ScalarKind::f16: return kernels_for_bits<ScalarKind::f16>(bits);
+    case ScalarKind::bf16: return for_bits<Dot, ScalarKind::bf16>(bits);
+    case ScalarKind::f16: return for_bits<Dot, ScalarKind::f16>(bits);
+    default: return nullptr;
+  }
+}
+
+bool amx_available() {
+  // CPUID leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE (GCC 12's __builtin_cpu_supports knows neither).
+  static const bool ok = [] {
+    unsigned eax, ebx, ecx, edx;
+    constexpr unsigned kAmx = (1u << 22) | (1u << 24);
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & kAmx) == kAmx && request_amx();
+  }();
+  return ok;
+}
+
+const DotQmmT* amx_kernels(int bits, ScalarKind x_kind) {
+  switch (x_kind) {
+    case ScalarKind::bf16: return for_bits<Amx, ScalarKind::bf16>(bits);
+    case ScalarKind::f16: return for_bits<Amx, ScalarKind::f16>(bits);
+    case ScalarKind::f32: return for_bits<Amx, ScalarKind::f32>(bits);
     default: return nullptr;
   }
 }

@@ -575,7 +575,7 @@ const KernelTable& table() {
       [](const PackedMatrix& W, int64_t r0, int64_t r1, float* out) { dispatch<DequantizeF32>(W, r0, r1, out); },
       [](const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) { dispatch<DequantizeBF16>(W, r0, r1, out); },
       quantize_row,
-      [](int, ScalarKind) -> const DotQmmT* { return nullptr; },
+      [](const PackedMatrix&, int64_t) -> const DotQmmT* { return nullptr; },
   };
   return t;
 }

@@ -21,9 +21,6 @@ namespace {
 using cpu::pack_row;
 using cpu::unpack_row;
 
-// From this many rows of x on, dequantizing tiles of W into a BLAS GEMM beats the fused kernels,
-// whose cost grows with every row (see benchmarks/bench_qmm.py).
-constexpr int64_t kGemmMinRows = 16;
 // Rows of W dequantized per GEMM tile: large enough for an efficient GEMM, small enough to stay in
 // the L2 cache of the thread that made it (256 x 4096 float32 = 4 MiB).
 constexpr int64_t kTileRows = 256;
@@ -199,9 +196,8 @@ at::Tensor qmm_n_gemm(const cpu::PackedMatrix& W, const at::Tensor& x2) {
 struct RowBlock {
   cpu::PackedMatrix W;
   int64_t row0, rows;
-  // Few rows run through the fused kernels, whose cost grows with every row; many rows dequantize
-  // tiles of W into a GEMM.
-  bool fused() const { return rows < kGemmMinRows; }
+  // x @ W: few rows run through the fused kernels, many dequantize tiles of W into a GEMM.
+  bool fused() const { return rows < cpu::kGemmMinRows; }
 };
 
 // y = x @ W.T for every block: x [rows, K], returns float32 [rows, N]. One parallel region over
@@ -210,33 +206,48 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   const auto& k = cpu::kernels();
   const cpu::PackedMatrix& W = blocks.front().W;  // every block has W's format
   const int64_t N = W.rows;
-  // The fused kernels read x in its dtype where this CPU has dot-product kernels for it, else in float32.
-  // bfloat16 activations get a bfloat16 GEMM (as a dense bfloat16 linear would); others a float32 one.
+  // The fused kernels read x in its dtype where this CPU has dot-product kernels for the block, else in
+  // float32. bfloat16 activations get a bfloat16 GEMM (as a dense bfloat16 linear would); others a float32 one.
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
-  const cpu::DotQmmT* dot = W.code == cpu::ValueCode::uint ? k.dot_qmm_t(W.bits, W.kind) : nullptr;
-  const auto x_fused = dot ? x.contiguous() : x.to(at::kFloat).contiguous();
+  // A block runs fused below the GEMM threshold of its kernels.
+  std::vector<const cpu::DotQmmT*> dots(blocks.size(), nullptr);
+  std::vector<char> fused(blocks.size());
+  bool float_fused = false;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const cpu::DotQmmT* dot = k.dot_qmm_t(blocks[b].W, blocks[b].rows);
+    fused[b] = blocks[b].rows < (dot ? dot->gemm_min_rows : cpu::kGemmMinRows);
+    dots[b] = fused[b] ? dot : nullptr;
+    float_fused = float_fused || (fused[b] && !dot);
+  }
+  const auto x_dot = x.contiguous();
+  const auto x_float = float_fused ? x.to(at::kFloat).contiguous() : at::Tensor();
   const auto x_gemm = x.to(bf16_x ? at::kBFloat16 : at::kFloat).contiguous();
   std::vector<at::Tensor> scratch(blocks.size());  // x laid out for the decoder, per fused block
   for (size_t b = 0; b < blocks.size(); ++b) {
     const RowBlock& blk = blocks[b];
-    if (blk.fused())
-      scratch[b] = dot ? at::empty({dot->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
-                        : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
+    if (fused[b])
+      scratch[b] = dots[b] ? at::empty({dots[b]->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
+                           : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
   }
   at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const RowBlock& blk = blocks[b];
-      if (!blk.fused()) continue;
-      if (dot)
-        dot->prepare_x(blk.W, x_fused[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
+      if (!fused[b]) continue;
+      if (dots[b])
+        dots[b]->prepare_x(blk.W, x_dot[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
       else
-        k.prepare_x(blk.W, x_fused[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
+        k.prepare_x(blk.W, x_float[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
     }
   });
   struct Tile { int64_t block, n0, n1; };
   std::vector<Tile> tiles;
+  // GEMM tiles: at most kTileRows rows each, as many as a multiple of the threads, so a small W (a few
+  // tiles) still keeps every thread equally busy.
+  const int64_t threads = at::get_num_threads();
+  const int64_t gemm_tiles = ((N + kTileRows - 1) / kTileRows + threads - 1) / threads * threads;
+  const int64_t gemm_step = std::max<int64_t>((N + gemm_tiles - 1) / gemm_tiles, 1);
   for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
-    const int64_t step = blocks[b].fused() ? kFusedTileRows : kTileRows;
+    const int64_t step = fused[b] ? kFusedTileRows : gemm_step;
     for (int64_t n0 = 0; n0 < N; n0 += step) tiles.push_back({b, n0, std::min(N, n0 + step)});
   }
   auto y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
@@ -247,12 +258,12 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
       const Tile& tile = tiles[t];
       const RowBlock& blk = blocks[tile.block];
       float* out = y.data_ptr<float>() + blk.row0 * N;
-      if (!blk.fused()) {
+      if (!fused[tile.block]) {
         y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0)
             .copy_(at::mm(x_gemm.narrow(0, blk.row0, blk.rows),
                           dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t()));
-      } else if (dot) {
-        dot->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
+      } else if (dots[tile.block]) {
+        dots[tile.block]->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
       } else {
         k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
       }

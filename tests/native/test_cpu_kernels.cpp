@@ -323,10 +323,10 @@ void check_table(const KernelTable& t, int64_t rows, int64_t cols, const Format&
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// The dot-product x @ W.T: x is stored in the scales' float kind (bfloat16 or float16), so the reference
+// The dot-product x @ W.T (`name` the kernels): x is stored in the scales' float kind, so the reference
 // uses the stored values.
-void check_dot(const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, int64_t M, Rng& rng) {
-  const std::string tag = std::string("dot rows=") + std::to_string(rows) + " cols=" + std::to_string(cols) +
+void check_dot(const char* name, const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, int64_t M, Rng& rng) {
+  const std::string tag = std::string(name) + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
                           " bits=" + std::to_string(f.bits) + " gs=" + std::to_string(f.group_size) +
                           " kind=" + kind_name(f.kind) + " M=" + std::to_string(M);
   Case c = make_case(rows, cols, f, rng);
@@ -334,7 +334,9 @@ void check_dot(const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, in
   std::vector<uint16_t> x16(M * cols);
   for (int64_t i = 0; i < M * cols; ++i) {
     const float v = rng.symmetric();
-    if (f.kind == ScalarKind::bf16) {
+    if (f.kind == ScalarKind::f32) {
+      xv[i] = v;
+    } else if (f.kind == ScalarKind::bf16) {
       x16[i] = to_bf16_bits(v);
       xv[i] = bf16_value(x16[i]);
     } else {
@@ -344,7 +346,7 @@ void check_dot(const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, in
     }
   }
   std::vector<uint8_t> scratch(k.scratch_bytes(c.W, M));
-  k.prepare_x(c.W, x16.data(), M, scratch.data());
+  k.prepare_x(c.W, f.kind == ScalarKind::f32 ? static_cast<const void*>(xv.data()) : x16.data(), M, scratch.data());
   std::vector<float> y(M * rows);
   k.qmm_t(c.W, scratch.data(), M, y.data(), rows, 0, rows / 2);
   k.qmm_t(c.W, scratch.data(), M, y.data(), rows, rows / 2, rows);
@@ -367,7 +369,8 @@ int main(int argc, char** argv) {
       __builtin_cpu_supports("bmi2"))
     tables.push_back(&metalq::cpu::avx2::table());
   // The AVX512-BF16 table: the AVX2 one with its own affine dequantization.
-  if (std::string(metalq::cpu::kernels().isa) == "avx512bf16") tables.push_back(&metalq::cpu::kernels());
+  if (std::string(metalq::cpu::kernels().isa) == "avx512bf16" || std::string(metalq::cpu::kernels().isa) == "amx")
+    tables.push_back(&metalq::cpu::kernels());
 #endif
   int cases = 0, failed = 0;
   auto count = [&](int failures_before) {
@@ -411,7 +414,22 @@ int main(int argc, char** argv) {
           for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs), int64_t(1024)})
             for (int64_t M : {1, 3, 9}) {
               const int before = failures;
-              check_dot(*metalq::cpu::avx512_bf16::kernels(bits, kind), 5, cols, Format{bits, gs, kind}, M, rng);
+              check_dot("dot", *metalq::cpu::avx512_bf16::kernels(bits, kind), 5, cols, Format{bits, gs, kind}, M, rng);
+              count(before);
+            }
+  }
+  if (metalq::cpu::avx512_bf16::amx_available()) {
+    // Rows of W: a part of one block (5), and per thread's half a whole pass and then part of one (2 x 70);
+    // M = 1, 2, 17 and 33: parts of a chunk of x's rows, whole chunks and part of one. float32 x too (3 parts).
+    Rng rng(2468);
+    for (int bits : metalq::kSupportedBits)
+      for (int gs : {32, 64, 128})
+        for (ScalarKind kind : {ScalarKind::f32, ScalarKind::f16, ScalarKind::bf16})
+          for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs)})
+            for (int64_t M : {1, 2, 17, 33}) {
+              const int before = failures;
+              check_dot("amx", *metalq::cpu::avx512_bf16::amx_kernels(bits, kind), M == 17 ? 140 : 5, cols,
+                        Format{bits, gs, kind}, M, rng);
               count(before);
             }
   }
