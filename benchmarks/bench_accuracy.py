@@ -11,14 +11,14 @@ The MLX columns quantize the same float32 weights with ``mx.quantize`` and run t
 packed weight, scale and bias compared), so the two sets of numbers coincide up to the float32
 summation order of the quantized matmul (``|Δcos|``: largest per-sentence difference between them).
 
-``--methods`` adds metalq.calibrate's quantizers (clip search, GPTQ), calibrated on sentences of another
+``--methods`` adds metalq.calibrate's quantizers (clip search, AWQ, GPTQ, DWQ), calibrated on sentences of another
 seed that are never evaluated, and ``--bpw`` mixed precision at a bits-per-weight budget (``bpw`` column:
 the linear layers' code bits plus a 16-bit scale and bias per group).
 
 Example:
     python benchmarks/bench_accuracy.py                       # bits 8 6 5 4 3 2, gs 32 64 128, 300 sentences
     python benchmarks/bench_accuracy.py --bits 4 --group-sizes 64 --sentences 100 --csv acc.csv
-    python benchmarks/bench_accuracy.py --bits 2 3 4 --methods rtn clip gptq --bpw 4.5   # better bits
+    python benchmarks/bench_accuracy.py --bits 2 3 4 --methods rtn clip awq gptq dwq --bpw 4.5   # better bits
 """
 from __future__ import annotations
 

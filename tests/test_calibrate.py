@@ -43,18 +43,24 @@ def sentence_forward(model, batch):
     return model(batch)
 
 
+def real_inputs(minilm, layer):
+    """``layer``'s inputs on calibration (seed 1) and held-out (seed 2) sentences, one row per token."""
+    seen = []
+    handle = layer.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].reshape(-1, layer.in_features).detach()))
+    with torch.no_grad():
+        for seed in (1, 2):
+            minilm(minilm.tokenize(sentences(64, seed)))
+    handle.remove()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def minilm_layer(minilm):
     """A real layer (block 0's intermediate dense, 384 -> 1536) with its inputs on calibration and held-out
     sentences."""
     layer = minilm[0].auto_model.encoder.layer[0].intermediate.dense
-    seen = []
-    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, 384).detach()))
-    with torch.no_grad():
-        for seed in (1, 2):
-            minilm(minilm.tokenize(sentences(64, seed)))
-    handle.remove()
-    calibration, held_out = seen
+    calibration, held_out = real_inputs(minilm, layer)
     hessian = collect_hessians(minilm, [layer], [minilm.tokenize(sentences(64, 1))], sentence_forward)[id(layer)]
     return layer, calibration, held_out, hessian
 
@@ -378,21 +384,39 @@ def test_awq_scale_lowers_a_real_layer_output_error(minilm):
 
     block = minilm[0].auto_model.encoder.layer[0]
     layer = block.attention.output.dense  # AWQ folds its input scale into V
-    seen = []
-    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, 384).detach()))
-    with torch.no_grad():
-        for seed in (1, 2):
-            minilm(minilm.tokenize(sentences(64, seed)))
-    handle.remove()
-    calibration, held_out = seen
+    calibration, held_out = real_inputs(minilm, layer)
     hessian = calibration.T @ calibration / len(calibration)
     scale = search_scale([layer.weight.detach()], hessian, 3, 64)
     scaled = copy.deepcopy(layer)
     with torch.no_grad():
         scaled.weight.mul_(scale)
-    importance = (hessian.diagonal() / scale**2)
-    awq = metalq.calibration.quantize_linear(scaled, 3, 64, "clip", torch.diag(importance))
+    awq = metalq.calibration.quantize_linear(scaled, 3, 64, "clip", hessian.diagonal() / scale**2)
     clip = metalq.calibration.quantize_linear(layer, 3, 64, "clip", hessian)
     rtn = output_error(layer, MetalLinear.from_linear(layer, 3, 64), held_out)
     awq_error = output_error(layer, lambda x: awq(x / scale), held_out)
     assert awq_error < output_error(layer, clip, held_out) < rtn
+
+
+def test_padded_positions_stay_out_of_the_hessian(minilm):
+    layer = minilm[0].auto_model.encoder.layer[0].intermediate.dense
+    texts = ["a short one", "a much longer sentence about the old harbour in the rain before breakfast"]
+    padded = collect_hessians(minilm, [layer], [minilm.tokenize(texts)], sentence_forward)[id(layer)]
+    alone = collect_hessians(minilm, [layer], [minilm.tokenize([t]) for t in texts], sentence_forward)[id(layer)]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("gptq", "awq"))
+def test_hessians_in_parts_of_whole_blocks_give_the_same_model(tmp_path, monkeypatch, method):
+    reference = float_llama(make_tiny_llama(tmp_path / "hf"))
+    tokens = torch.randint(3, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    whole, parts = copy.deepcopy(reference), copy.deepcopy(reference)
+    calibrate(whole, MetalConfig(bits=3, group_size=32), tokens, method=method)
+    passes = []
+    original = metalq.calibration.collect_hessians
+    monkeypatch.setattr(metalq.calibration, "collect_hessians",
+                        lambda model, layers, *args, **kwargs: passes.append(len(layers)) or
+                        original(model, layers, *args, **kwargs))
+    calibrate(parts, MetalConfig(bits=3, group_size=32), tokens, method=method, hessian_memory=1)
+    assert passes == [7, 7, 1]  # block 0, block 1, lm_head: one block's Hessians at a time
+    for (name, a), (_, b) in zip(whole.state_dict().items(), parts.state_dict().items()):
+        assert torch.equal(a, b), name

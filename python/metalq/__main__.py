@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import doctor
+from .calibration import DATA_METHODS, METHODS
 from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZE, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_MODES
 
 _CONVERT_HELP = """\
@@ -61,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                             "--to metal, as transformers' MetalConfig; nothing for --to mlx, as mlx_lm.convert")
     skips.add_argument("--no-skip", action="store_const", const=[], dest="skip",
                        help="keep nothing in float: quantize the output head too (an empty --skip list)")
-    convert.add_argument("--method", choices=("rtn", "clip", "gptq"), default=None,
+    convert.add_argument("--method", choices=METHODS, default=None,
                          help="how a float source's codes are chosen (metalq.calibrate); all but rtn (the default, "
-                              "streamed) load the model in memory. clip works without data, gptq needs --calibration")
+                              "streamed) load the model in memory. clip works without data; awq, gptq and dwq "
+                              "need --calibration")
     convert.add_argument("--calibration", metavar="FILE",
                          help="calibration text for --method / --bpw: one sample per non-empty line")
     convert.add_argument("--bpw", type=float, default=None,
@@ -126,8 +128,8 @@ def _convert_calibrated(args):
 
     if args.mode not in (None, "affine"):
         raise ValueError(f"--method chooses affine codes; --mode {args.mode} cannot be calibrated")
-    if args.calibration is None and (args.method == "gptq" or args.bpw is not None):
-        raise ValueError("--method gptq and --bpw learn from data: pass --calibration FILE")
+    if args.calibration is None and (args.method in DATA_METHODS or args.bpw is not None):
+        raise ValueError(f"--method {'/'.join(DATA_METHODS)} and --bpw learn from data: pass --calibration FILE")
     return convert_calibrated(args.source, args.destination, method=args.method or "rtn",
                               calibration=args.calibration, to=args.to or "metal", bits=args.bits,
                               group_size=args.group_size, bpw=args.bpw, skip=args.skip, embeddings=args.embeddings,

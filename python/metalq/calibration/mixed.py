@@ -26,14 +26,14 @@ def relative_error(weight: torch.Tensor, importance: torch.Tensor, bits: int, gr
 
 
 def choose_formats(layers: dict, bpw: float, candidates: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
-    """``{name: (bits, group_size)}`` for ``layers`` (``{name: (weight, hessian)}``) within ``bpw`` bits per
-    weight on average (weighted by each layer's size)."""
+    """``{name: (bits, group_size)}`` for ``layers`` (``{name: (weight, importance)}``, importance: the mean
+    squared input per column, the input Hessian's diagonal) within ``bpw`` bits per weight on average
+    (weighted by each layer's size)."""
     frontiers, sizes = {}, {}
-    for name, (weight, hessian) in layers.items():
+    for name, (weight, importance) in layers.items():
         fitting = [c for c in candidates if weight.shape[1] % axis_multiple(*c) == 0]
         if not fitting:
             raise ValueError(f"calibrate: no candidate format fits {name} (in_features={weight.shape[1]})")
-        importance = torch.diag(hessian)
         scored = sorted((bits_per_weight(*c), relative_error(weight.detach(), importance, *c), c) for c in fitting)
         frontier = []
         for cost, error, fmt in scored:  # keep only formats better than every cheaper one
