@@ -350,13 +350,21 @@ METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Ou
       const __m512 scale = _mm512_set1_ps(load_float<XK>(W.scales, r * G + g));
       const __m512 bias = _mm512_set1_ps(load_float<XK>(W.biases, r * G + g));
       for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += step) {
-        const __m512i q = _mm512_and_si512(in_order.load(wrow + k0 * BITS / 8, step * BITS / 8), mask);
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q))), scale, bias);
+        const uint8_t* p = wrow + k0 * BITS / 8;
+        __m512i q_lo, q_hi;  // values k0 .. k0 + 15 and (steps of 32) the next 16, one per int32 lane
+        if constexpr (BITS == 8) {  // bytes widened straight from memory
+          q_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          q_hi = step < 32 ? q_lo : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        } else {
+          const __m512i q = _mm512_and_si512(in_order.load(p, step * BITS / 8), mask);
+          q_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(q));
+          q_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1));
+        }
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_lo), scale, bias);
         if (step < 32) {
           store16(orow + k0, lo);
         } else {
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
-          store32(orow + k0, lo, _mm512_fmadd_ps(hi, scale, bias));
+          store32(orow + k0, lo, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_hi), scale, bias));
         }
       }
     }
