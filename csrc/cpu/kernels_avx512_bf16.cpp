@@ -327,26 +327,45 @@ METALQ_FN inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); 
 METALQ_FN inline void store16(uint16_t* out, __m512 v) {  // round to nearest even, as torch
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
 }
+METALQ_FN inline void store32(float* out, __m512 lo, __m512 hi) {
+  _mm512_storeu_ps(out, lo);
+  _mm512_storeu_ps(out + 16, hi);
+}
+METALQ_FN inline void store32(uint16_t* out, __m512 lo, __m512 hi) {  // one conversion and store
+  _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
 
-// Rows [r0, r1) of W as scale * q + bias (one rounding to float, then to Out), 16 values (one group at
-// most: group sizes are >= 16) at a time.
+// Rows [r0, r1) of W as scale * q + bias (one rounding to float, then to Out), a group at a time with its
+// scale and bias in registers, 32 values (16 for groups of 16) per step.
 template <int BITS, ScalarKind XK, class Out>
 METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
   const InOrder<BITS> in_order;
   const __m512i mask = _mm512_set1_epi16(int16_t((1 << BITS) - 1));
   const int64_t K = W.cols, G = W.groups_per_row(), row_bytes = W.row_bytes();
-  const int shift = W.group_shift();
+  const int gs = W.group_size, step = gs < 32 ? gs : 32;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wrow = W.w + r * row_bytes;
     Out* orow = out + (r - r0) * K;
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      const int64_t left = row_bytes - k0 * BITS / 8;
-      const __m512i q = _mm512_and_si512(in_order.load(wrow + k0 * BITS / 8, left < 4 * BITS ? left : 4 * BITS), mask);
-      for (int h = 0; h < 2 && k0 + 16 * h < K; ++h) {
-        const int64_t g = r * G + ((k0 + 16 * h) >> shift);
-        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q)));
-        store16(orow + k0 + 16 * h, _mm512_fmadd_ps(qf, _mm512_set1_ps(load_float<XK>(W.scales, g)),
-                                                    _mm512_set1_ps(load_float<XK>(W.biases, g))));
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 scale = _mm512_set1_ps(load_float<XK>(W.scales, r * G + g));
+      const __m512 bias = _mm512_set1_ps(load_float<XK>(W.biases, r * G + g));
+      for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += step) {
+        const uint8_t* p = wrow + k0 * BITS / 8;
+        __m512i q_lo, q_hi;  // values k0 .. k0 + 15 and (steps of 32) the next 16, one per int32 lane
+        if constexpr (BITS == 8) {  // bytes widened straight from memory
+          q_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          q_hi = step < 32 ? q_lo : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        } else {
+          const __m512i q = _mm512_and_si512(in_order.load(p, step * BITS / 8), mask);
+          q_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(q));
+          q_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1));
+        }
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_lo), scale, bias);
+        if (step < 32) {
+          store16(orow + k0, lo);
+        } else {
+          store32(orow + k0, lo, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_hi), scale, bias));
+        }
       }
     }
   }

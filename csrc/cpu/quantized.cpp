@@ -200,7 +200,8 @@ struct RowBlock {
   bool fused() const { return rows < cpu::kGemmMinRows; }
 };
 
-// y = x @ W.T for every block: x [rows, K], returns float32 [rows, N]. One parallel region over
+// y = x @ W.T for every block: x [rows, K], returns float32 [rows, N], or bfloat16 where x is and every
+// block runs a GEMM (the bfloat16 GEMM's output, with no float32 round trip). One parallel region over
 // (block, tile of N), so each W is read once and small blocks still spread over the threads.
 at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x) {
   const auto& k = cpu::kernels();
@@ -212,12 +213,13 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   // A block runs fused below the GEMM threshold of its kernels.
   std::vector<const cpu::DotQmmT*> dots(blocks.size(), nullptr);
   std::vector<char> fused(blocks.size());
-  bool float_fused = false;
+  bool float_fused = false, any_fused = false;
   for (size_t b = 0; b < blocks.size(); ++b) {
     const cpu::DotQmmT* dot = k.dot_qmm_t(blocks[b].W, blocks[b].rows);
     fused[b] = blocks[b].rows < (dot ? dot->gemm_min_rows : cpu::kGemmMinRows);
     dots[b] = fused[b] ? dot : nullptr;
     float_fused = float_fused || (fused[b] && !dot);
+    any_fused = any_fused || fused[b];
   }
   const auto x_dot = x.contiguous();
   const auto x_float = float_fused ? x.to(at::kFloat).contiguous() : at::Tensor();
@@ -250,23 +252,24 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
     const int64_t step = fused[b] ? kFusedTileRows : gemm_step;
     for (int64_t n0 = 0; n0 < N; n0 += step) tiles.push_back({b, n0, std::min(N, n0 + step)});
   }
-  auto y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  auto y = at::empty({x.size(0), N}, x.options().dtype(bf16_x && !any_fused ? at::kBFloat16 : at::kFloat));
   const at::ThreadLocalState caller;  // inference mode etc.: worker threads run tensor ops on y
   at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     at::ThreadLocalStateGuard guard(caller);
     for (int64_t t = t0; t < t1; ++t) {
       const Tile& tile = tiles[t];
       const RowBlock& blk = blocks[tile.block];
-      float* out = y.data_ptr<float>() + blk.row0 * N;
       if (!fused[tile.block]) {
         y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0)
             .copy_(at::mm(x_gemm.narrow(0, blk.row0, blk.rows),
                           dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t()));
-      } else if (dots[tile.block]) {
-        dots[tile.block]->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
-      } else {
-        k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
+        continue;
       }
+      float* out = y.data_ptr<float>() + blk.row0 * N;
+      if (dots[tile.block])
+        dots[tile.block]->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
+      else
+        k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
     }
   });
   return y;
