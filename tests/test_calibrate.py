@@ -44,15 +44,18 @@ def sentence_forward(model, batch):
 
 
 def real_inputs(minilm, layer):
-    """``layer``'s inputs on calibration (seed 1) and held-out (seed 2) sentences, one row per token."""
+    """``layer``'s inputs on calibration (seed 1) and held-out (seed 2) sentences, one row per token (padding
+    left out)."""
     seen = []
-    handle = layer.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].reshape(-1, layer.in_features).detach()))
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    inputs = []
     with torch.no_grad():
         for seed in (1, 2):
-            minilm(minilm.tokenize(sentences(64, seed)))
+            batch = minilm.tokenize(sentences(64, seed))
+            minilm(batch)
+            inputs.append(seen.pop()[batch["attention_mask"].bool()])
     handle.remove()
-    return seen
+    return inputs
 
 
 @pytest.fixture(scope="module")
