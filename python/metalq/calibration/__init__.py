@@ -108,9 +108,12 @@ def calibrate(
         batches = calibration_batches(model, calibration, tokenizer, batch_size, max_length)
         forward = forward or default_forward
     teacher = teacher_targets(model, batches, forward) if method == "dwq" else None
+    full = method in DATA_METHODS  # the full input Hessian; the clip search weighs columns by its diagonal only
+    diagonals = {}  # one pass for the diagonals that mixed precision and the clip search share
+    if batches is not None and (bpw is not None or not full):
+        diagonals = collect_hessians(model, [linear for _, linear, _ in targets], batches, forward, diagonal=True)
     formats = {fqns[0]: (chosen.bits, chosen.group_size) for fqns, linear, chosen in targets}
     if bpw is not None:
-        diagonals = collect_hessians(model, [linear for _, linear, _ in targets], batches, forward, diagonal=True)
         formats = choose_formats({fqns[0]: (linear.weight, diagonals[id(linear)]) for fqns, linear, _ in targets},
                                  bpw, list(candidates))
     plan, misfits = [], []
@@ -125,24 +128,20 @@ def calibrate(
     if misfits:
         raise ValueError(f"calibrate: in_features of {', '.join(misfits)} is not a multiple of its group size")
     codes_method = {"dwq": "gptq", "awq": "clip"}.get(method, method)
-    full = method in DATA_METHODS  # the full input Hessian; the clip search weighs columns by its diagonal only
     built, sources = [], {}  # sources: AWQ's scaled float copies, quantized or swapped in instead of the model's own
-    progress = tqdm(total=len(plan), desc=f"calibrate ({method})", unit="layer", leave=False)
-    for part in _passes(plan, hessian_memory if full else None):
-        hessians = {}
-        if batches is not None:
-            hessians = collect_hessians(model, [linear for _, linear, _, _ in part], batches, forward,
-                                        diagonal=not full)
-        if method == "awq":
-            copies, hessians = apply_awq(model, {fqns[0]: linear for fqns, linear, _, _ in part}, hessians, formats)
-            sources.update(copies)
-        for fqns, linear, bits, group_size in part:
-            source = sources.pop(fqns[0], linear)
-            built.append((fqns, quantize_linear(source, bits, group_size, codes_method, hessians.get(id(linear)),
-                                                damping)))
-            hessians.pop(id(linear), None)
-            progress.update()
-    progress.close()
+    with tqdm(total=len(plan), desc=f"calibrate ({method})", unit="layer", leave=False) as progress:
+        for part in _passes(plan, hessian_memory if full else None):
+            hessians = collect_hessians(model, [linear for _, linear, _, _ in part], batches, forward) if full \
+                else diagonals
+            if method == "awq":
+                copies, hessians = apply_awq(model, {fqns[0]: linear for fqns, linear, _, _ in part}, hessians,
+                                             formats)
+                sources.update(copies)
+            for fqns, linear, bits, group_size in part:
+                source = sources.pop(fqns[0], linear)
+                built.append((fqns, quantize_linear(source, bits, group_size, codes_method,
+                                                    hessians.pop(id(linear), None), damping)))
+                progress.update()
     built += [((name,), module) for name, module in sources.items()]  # AWQ's scaled norms
     if embeddings:
         built += _quantized_embeddings(model, config_for, method, tied, targets)
