@@ -25,6 +25,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -265,9 +266,9 @@ template <class D, ScalarKind XK, int MR>
 METALQ_FN void row_dot(const D& dec, const PackedMatrix& W, int64_t n, const uint8_t* scratch, __m512i lane_group,
                        float* out) {
   const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes();
-  const int64_t scalar_bytes = 2;  // bfloat16 or float16
+  const int64_t scalar_size = scalar_bytes(W.kind);  // bfloat16 or float16
   const bool per_group = D::kValues <= W.group_size;
-  const RowDot<D, XK, MR> rd{dec, W.w + n * row_bytes, row_bytes, static_cast<const uint8_t*>(W.scales) + n * G * scalar_bytes,
+  const RowDot<D, XK, MR> rd{dec, W.w + n * row_bytes, row_bytes, static_cast<const uint8_t*>(W.scales) + n * G * scalar_size,
                              G, W.group_shift(), scratch, row_stride_bytes<D, XK>(W), lane_group, per_group,
                              per_group ? W.group_size / D::kValues : 1};
   const int64_t segments = per_group ? G : blocks_per_row<D>(W);
@@ -284,7 +285,7 @@ METALQ_FN void row_dot(const D& dec, const PackedMatrix& W, int64_t n, const uin
   for (; seg < whole; ++seg) rd.template segment<false>(seg, acc);
   if (seg < segments) rd.template segment<true>(seg, acc);
   // Bias term: sum_g biases[g] * (sum of x over group g), 16 groups at a time.
-  const void* biases = static_cast<const uint8_t*>(W.biases) + n * G * scalar_bytes;
+  const void* biases = static_cast<const uint8_t*>(W.biases) + n * G * scalar_size;
   for (int64_t g = 0; g < G; g += 16) {
     const __m512 bias = load_floats<XK>(biases, g, G - g);
     for (int m = 0; m < MR; ++m) {
@@ -313,12 +314,14 @@ METALQ_FN void qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, f
   for (int i = 0; i < 16; ++i) groups[i] = (i * D::kPairValues) >> W.group_shift();
   const __m512i lane_group = _mm512_load_si512(groups);
   float r[kRows];
-  for (int64_t n = n0; n < n1; ++n)
+  for (int64_t n = n0; n < n1; ++n) {
+    prefetch_ahead(W, n);
     for (int64_t m = 0; m < M; m += kRows) {
       const int64_t rows = M - m < kRows ? M - m : kRows;
       row_dot_upto<D, XK, kRows>(dec, W, n, scratch + m * row_stride_bytes<D, XK>(W), rows, lane_group, r);
       for (int64_t i = 0; i < rows; ++i) y[(m + i) * ldy + n] = r[i];
     }
+  }
 }
 
 // ---- dequantized tiles for the GEMM of many rows of x --------------------------------------------
@@ -605,7 +608,15 @@ METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int6
           _mm512_mask_storeu_ps(&biases[r * G + g], mask, load_floats<XK>(W.biases, (p0 + r) * G + g, G - g));
         }
       for (int64_t i = 0; i < pass_rows * 16; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
+      // The next pass's rows (64 streams side by side, more than the hardware prefetcher follows), one
+      // contiguous run of W, prefetched a part per group.
+      const int64_t next_rows = std::min<int64_t>(kPassRows, W.rows - (p0 + kPassRows));
+      const uint8_t* next = W.w + (p0 + kPassRows) * row_bytes;
+      const int64_t next_bytes = next_rows > 0 ? next_rows * row_bytes : 0;
+      const int64_t part_bytes = (next_bytes / G + 63) / 64 * 64;
       for (int64_t g = 0; g < G; ++g) {
+        if (g * part_bytes < next_bytes)
+          prefetch_bytes(next + g * part_bytes, std::min(part_bytes, next_bytes - g * part_bytes));
         for (int b = 0; b < blocks; ++b) zero_tile(b);
         for (int64_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
           const uint8_t* xs = chunk + s * P * b_bytes;

@@ -340,6 +340,7 @@ METALQ_FN void qmm_t_rows(const PackedMatrix& W, const float* scratch, int64_t M
   const int64_t stride = W.cols + W.groups_per_row();
   float r[kRows];
   for (int64_t n = n0; n < n1; ++n) {
+    prefetch_ahead(W, n);
     for (int64_t m = 0; m < M; m += kRows) {
       const float* s = scratch + m * stride;
       const int64_t rows = M - m < kRows ? M - m : kRows;
