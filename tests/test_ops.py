@@ -118,6 +118,14 @@ def test_qmm_matches_float64(op, bits, group_size, dtype, m_rows, one_thread):
         run_qmm_case(TRANSPOSE[op], bits, group_size, DTYPES[dtype], m_rows, other, packed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (3, 4), ids=lambda b: f"b{b}")
+def test_qmm_t_gemm_of_a_large_matrix(bits, dtype):
+    # Past 8 MiB of dequantized weight (and past every dtype's GEMM threshold of rows) x @ W.T runs in
+    # tiles of W, each its own GEMM into y's columns; smaller matrices are dequantized whole.
+    run_qmm_case(True, bits, 64, DTYPES[dtype], 260, 8200, 640)
+
+
 @pytest.mark.parametrize("m_rows", (1, 5, 16), ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")

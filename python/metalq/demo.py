@@ -86,19 +86,23 @@ def linear_weight_megabytes(model: nn.Module) -> float:
     return megabytes(tensors)
 
 
-def seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` after two warm-up calls, synchronising MPS around each call."""
+def seconds_per_call(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, timed in rounds (every fn once per round, in turns) after
+    two warm-up calls each, so a noisy machine slows every variant alike; MPS is synchronised around
+    each call."""
     sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
-    for _ in range(2):
-        fn()
-    times = []
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for i, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def quantized_copy(model: nn.Module, bits: int, group_size: int) -> nn.Module:
@@ -128,11 +132,11 @@ def minilm_section(device: torch.device, repeats: int) -> None:
     variants += [(f"metalq {b}-bit gs{g}", quantized_copy(reference, b, g)) for b, g in MINILM_FORMATS]
 
     rows = []
-    for name, model in variants:
+    timings = seconds_per_call([lambda model=model: encode(model) for _, model in variants], device, repeats)
+    for (name, model), seconds in zip(variants, timings):
         embeddings = encode(model)
         cosine = torch.nn.functional.cosine_similarity(embeddings, float_embeddings).min().item()
         agreement = (nearest_neighbours(embeddings[: len(SENTENCES)]) == float_neighbours).float().mean().item()
-        seconds = seconds_per_call(lambda: encode(model), device, repeats)
         rows.append([
             name,
             f"{linear_weight_megabytes(model):.1f}",
@@ -188,12 +192,12 @@ def decode_section(device: torch.device, dtype: torch.dtype, repeats: int) -> No
             variants.append(("bfloat16 dense", copy.deepcopy(dense).to(torch.bfloat16), torch.bfloat16))
         variants += [(f"metalq {b}-bit gs{g}", quantized_copy(dense, b, g), dtype) for b, g in DECODE_FORMATS]
 
-        rows, dense_seconds = [], None
-        for name, model, activation_dtype in variants:
+        calls = [lambda model=model, inputs=x.to(dt): model(inputs) for _, model, dt in variants]
+        timings = seconds_per_call(calls, device, repeats)
+        rows, dense_seconds = [], timings[0]
+        for (name, model, activation_dtype), seconds in zip(variants, timings):
             inputs = x.to(activation_dtype)
             error = ((model(inputs).cpu().double() - exact).norm() / exact.norm()).item()
-            seconds = seconds_per_call(lambda: model(inputs), device, repeats)
-            dense_seconds = dense_seconds or seconds
             rows.append([
                 name,
                 f"{linear_weight_megabytes(model) * LLAMA_7B_LAYERS / 1024:.2f}",
@@ -215,7 +219,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
     parser.add_argument("--dtype", default=None, help="decode activations/weights: float32 (cpu default), float16 (mps default), bfloat16")
     parser.add_argument("--section", choices=["all", "minilm", "decode"], default="all")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds, each calling every row once in turns (median reported)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "mps" else "float32"))

@@ -127,7 +127,12 @@ class MetalLinear(nn.Module):
             y = affine_qmm_t(
                 x, self.weight, self.scales.to(x.dtype), self.qbiases.to(x.dtype), self.group_size, self.bits
             )
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.bias is None:
+            return y
+        bias = self.bias.to(y.dtype)
+        if torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad):
+            return y + bias
+        return y.add_(bias)  # y is this call's own: no second (M, N) allocation and pass
 
     def extra_repr(self) -> str:
         return (
