@@ -338,10 +338,46 @@ METALQ_FN inline void store32(uint16_t* out, __m512 lo, __m512 hi) {  // one con
   _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// Rows [r0, r1) of W as bfloat16, for bits <= 6 and groups of 32 values or more: each group's 2^bits values
+// scale * q + bias (one rounding to float, then to bfloat16, as dequantize_rows below) are a table, looked
+// up by each value's bits: one lookup per 32 values instead of widening, converting and an FMA per 16.
+template <int BITS, ScalarKind XK>
+METALQ_FN void dequantize_rows_by_table(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out) {
+  static_assert(BITS <= 6, "a table of 64 entries at most");
+  const InOrder<BITS> in_order;
+  const int64_t K = W.cols, G = W.groups_per_row(), row_bytes = W.row_bytes();
+  const int gs = W.group_size;
+  // Table entry i stands for the value i & mask (the lookup reads 5 or 6 index bits), as floats.
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  __m512 q[4];
+  for (int t = 0; t < 4; ++t)
+    q[t] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * t)), mask));
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wrow = W.w + r * row_bytes;
+    uint16_t* orow = out + (r - r0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 scale = _mm512_set1_ps(load_float<XK>(W.scales, r * G + g));
+      const __m512 bias = _mm512_set1_ps(load_float<XK>(W.biases, r * G + g));
+      const __m512i low = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q[1], scale, bias), _mm512_fmadd_ps(q[0], scale, bias));
+      __m512i high = low;
+      if constexpr (BITS == 6)
+        high = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q[3], scale, bias), _mm512_fmadd_ps(q[2], scale, bias));
+      for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += 32) {
+        const __m512i v = in_order.load(wrow + k0 * BITS / 8, 4 * BITS);
+        _mm512_storeu_si512(orow + k0, BITS == 6 ? _mm512_permutex2var_epi16(low, v, high) : _mm512_permutexvar_epi16(v, low));
+      }
+    }
+  }
+}
+
 // Rows [r0, r1) of W as scale * q + bias (one rounding to float, then to Out), a group at a time with its
 // scale and bias in registers, 32 values (16 for groups of 16) per step.
 template <int BITS, ScalarKind XK, class Out>
 METALQ_FN void dequantize_rows(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
+  if constexpr (std::is_same_v<Out, uint16_t> && BITS <= 6) {
+    if (W.group_size >= 32) return dequantize_rows_by_table<BITS, XK>(W, r0, r1, out);
+  }
   const InOrder<BITS> in_order;
   const __m512i mask = _mm512_set1_epi16(int16_t((1 << BITS) - 1));
   const int64_t K = W.cols, G = W.groups_per_row(), row_bytes = W.row_bytes();
