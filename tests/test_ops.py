@@ -120,10 +120,10 @@ def test_qmm_matches_float64(op, bits, group_size, dtype, m_rows, one_thread):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", (3, 4), ids=lambda b: f"b{b}")
-def test_qmm_t_gemm_of_a_large_matrix(bits, dtype):
-    # Past 8 MiB of dequantized weight (and past every dtype's GEMM threshold of rows) x @ W.T runs in
-    # tiles of W, each its own GEMM into y's columns; smaller matrices are dequantized whole.
-    run_qmm_case(True, bits, 64, DTYPES[dtype], 260, 8200, 640)
+def test_qmm_t_gemm_in_chunks_of_a_large_matrix(bits, dtype):
+    # Past every dtype's GEMM threshold of rows, W is dequantized in chunks of 16 MiB, each a GEMM into its
+    # columns of y: 14000 x 640 is 3 chunks in float32 (float16 x too), 2 in bfloat16, the last partial.
+    run_qmm_case(True, bits, 64, DTYPES[dtype], 260, 14000, 640)
 
 
 @pytest.mark.parametrize("m_rows", (1, 5, 16), ids=lambda m: f"M{m}")

@@ -27,10 +27,11 @@ constexpr int64_t kTileRows = 256;
 // Rows of W per work item of the fused qmm_t kernels: small enough to spread one product over many
 // threads, large enough that starting an item costs little.
 constexpr int64_t kFusedTileRows = 64;
-// A GEMM block whose dequantized W takes at most this many bytes is dequantized whole and runs one GEMM
-// on every thread: at many rows of x on small matrices (MiniLM's 384 x 1536 at M ~ 1000) the tiles'
-// single-thread GEMMs cost 10-20% over the dense linear.
-constexpr int64_t kWholeGemmBytes = 8 << 20;
+// Bytes of W dequantized at a time for the GEMM of many rows of x: each chunk then runs one GEMM on every
+// thread (single-thread GEMMs on tiles of W, one per thread, scaled 1.8x from one thread to two where
+// the dense linear scales 2.2x, and cost 10-20% over it on small matrices such as MiniLM's). A thread that
+// ran such a product keeps this much scratch (weight_scratch); 16 MiB chunks measured 7% faster than 8.
+constexpr int64_t kGemmChunkBytes = 16 << 20;
 // Units of columns handed to one thread by qmm_n: a multiple of every decoder block (at most 512).
 constexpr int64_t kColumnUnit = 512;
 
@@ -189,17 +190,25 @@ at::Tensor dequantized_tile(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, 
   return tile;
 }
 
-// y = x2 @ W.T into out, W dequantized whole (rows spread over the threads), then one GEMM on every thread.
-void whole_gemm_qmm_t(const cpu::PackedMatrix& W, const at::Tensor& x2, at::Tensor out) {
-  auto wd = weight_scratch(W.rows, W.cols, x2.options());
-  const int64_t row_bytes = W.cols * wd.element_size();
-  at::parallel_for(0, W.rows, kFusedTileRows, [&](int64_t r0, int64_t r1) {
-    dequantize_rows(W, r0, r1, static_cast<uint8_t*>(wd.data_ptr()) + r0 * row_bytes, wd.scalar_type());
-  });
-  if (out.scalar_type() == x2.scalar_type())
-    at::mm_out(out, x2, wd.t());
-  else
-    out.copy_(at::mm(x2, wd.t()));
+// y = x2 @ W.T into out, W dequantized in chunks of rows of at most kGemmChunkBytes (each chunk's rows spread
+// over the threads), each chunk then one GEMM on every thread into its columns of out.
+void chunked_gemm_qmm_t(const cpu::PackedMatrix& W, const at::Tensor& x2, at::Tensor out) {
+  const int64_t row_bytes = W.cols * x2.element_size();
+  const int64_t chunk_rows = std::max<int64_t>(kGemmChunkBytes / row_bytes, 1);
+  for (int64_t c0 = 0; c0 < W.rows; c0 += chunk_rows) {
+    const int64_t c1 = std::min(W.rows, c0 + chunk_rows);
+    auto wd = weight_scratch(c1 - c0, W.cols, x2.options());
+    at::parallel_for(c0, c1, kFusedTileRows, [&](int64_t r0, int64_t r1) {
+      dequantize_rows(W, r0, r1, static_cast<uint8_t*>(wd.data_ptr()) + (r0 - c0) * row_bytes, wd.scalar_type());
+    });
+    auto cols = out.narrow(1, c0, c1 - c0);
+    // Straight into out's columns (row stride N) where the dtypes match: a GEMM writes a strided output
+    // without a copy (bfloat16 x with fused blocks beside has a float32 y).
+    if (cols.scalar_type() == x2.scalar_type())
+      at::mm_out(cols, x2, wd.t());
+    else
+      cols.copy_(at::mm(x2, wd.t()));
+  }
 }
 
 // x2 [M, K] float32; W [K, N]: x2 @ W as a K-tiled float GEMM. Each thread accumulates its K-tiles
@@ -234,8 +243,9 @@ struct RowBlock {
 };
 
 // y = x @ W.T for every block: x [rows, K], returns float32 [rows, N], or bfloat16 where x is and every
-// block runs a GEMM (the bfloat16 GEMM's output, with no float32 round trip). One parallel region over
-// (block, tile of N), so each W is read once and small blocks still spread over the threads.
+// block runs a GEMM (the bfloat16 GEMM's output, with no float32 round trip). The fused blocks share one
+// parallel region over (block, tile of N), so each W is read once and small blocks still spread over the
+// threads; then each GEMM block runs its chunks.
 at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x) {
   const auto& k = cpu::kernels();
   const cpu::PackedMatrix& W = blocks.front().W;  // every block has W's format
@@ -276,37 +286,14 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
   });
   struct Tile { int64_t block, n0, n1; };
   std::vector<Tile> tiles;
-  // GEMM tiles: at most kTileRows rows each, as many as a multiple of the threads, so a small W (a few
-  // tiles) still keeps every thread equally busy.
-  const int64_t threads = at::get_num_threads();
-  const int64_t gemm_tiles = ((N + kTileRows - 1) / kTileRows + threads - 1) / threads * threads;
-  const int64_t gemm_step = std::max<int64_t>((N + gemm_tiles - 1) / gemm_tiles, 1);
-  const int64_t gemm_bytes = N * W.cols * (bf16_x ? 2 : 4);
-  const bool whole_gemm = gemm_bytes <= kWholeGemmBytes;
-  for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
-    if (!fused[b] && whole_gemm) continue;  // after the tiles
-    const int64_t step = fused[b] ? kFusedTileRows : gemm_step;
-    for (int64_t n0 = 0; n0 < N; n0 += step) tiles.push_back({b, n0, std::min(N, n0 + step)});
-  }
+  for (int64_t b = 0; b < int64_t(blocks.size()); ++b)
+    if (fused[b])
+      for (int64_t n0 = 0; n0 < N; n0 += kFusedTileRows) tiles.push_back({b, n0, std::min(N, n0 + kFusedTileRows)});
   auto y = at::empty({x.size(0), N}, x.options().dtype(bf16_x && !any_fused ? at::kBFloat16 : at::kFloat));
-  const at::ThreadLocalState caller;  // inference mode etc.: worker threads run tensor ops on y
   at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-    at::ThreadLocalStateGuard guard(caller);
     for (int64_t t = t0; t < t1; ++t) {
       const Tile& tile = tiles[t];
       const RowBlock& blk = blocks[tile.block];
-      if (!fused[tile.block]) {
-        auto out = y.narrow(0, blk.row0, blk.rows).narrow(1, tile.n0, tile.n1 - tile.n0);
-        const auto xb = x_gemm.narrow(0, blk.row0, blk.rows);
-        const auto wt = dequantized_tile(blk.W, tile.n0, tile.n1, x_gemm.options()).t();
-        // Straight into y's columns (row stride N) where the dtypes match: a GEMM writes a strided
-        // output without a copy (bfloat16 x with fused blocks beside has a float32 y).
-        if (out.scalar_type() == xb.scalar_type())
-          at::mm_out(out, xb, wt);
-        else
-          out.copy_(at::mm(xb, wt));
-        continue;
-      }
       float* out = y.data_ptr<float>() + blk.row0 * N;
       if (dots[tile.block])
         dots[tile.block]->qmm_t(blk.W, scratch[tile.block].data_ptr(), blk.rows, out, N, tile.n0, tile.n1);
@@ -314,10 +301,9 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
         k.qmm_t(blk.W, scratch[tile.block].data_ptr<float>(), blk.rows, out, N, tile.n0, tile.n1);
     }
   });
-  if (whole_gemm)
-    for (size_t b = 0; b < blocks.size(); ++b)
-      if (!fused[b])
-        whole_gemm_qmm_t(blocks[b].W, x_gemm.narrow(0, blocks[b].row0, blocks[b].rows),
+  for (size_t b = 0; b < blocks.size(); ++b)
+    if (!fused[b])
+      chunked_gemm_qmm_t(blocks[b].W, x_gemm.narrow(0, blocks[b].row0, blocks[b].rows),
                          y.narrow(0, blocks[b].row0, blocks[b].rows));
   return y;
 }
