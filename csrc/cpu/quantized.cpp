@@ -163,7 +163,6 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
 
 // ---- quantized matmul ---------------------------------------------------------------------------
 
-// Dequantizes rows [r0, r1) of W into a float32 or bfloat16 tile, on the calling thread.
 // Rows [r0, r1) of W dequantized into out, contiguous [r1 - r0, W.cols] float32 or bfloat16.
 void dequantize_rows(const cpu::PackedMatrix& W, int64_t r0, int64_t r1, void* out, at::ScalarType dtype) {
   const auto& k = cpu::kernels();
