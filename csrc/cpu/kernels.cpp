@@ -41,7 +41,7 @@ const KernelTable& amx_table() {
     k.dot_qmm_t = [](const PackedMatrix& W, int64_t rows) {
       if (W.code != ValueCode::uint) return static_cast<const DotQmmT*>(nullptr);
       const bool tiles = rows > 1 || W.kind == ScalarKind::f32 || (W.kind == ScalarKind::f16 && W.bits >= 6);
-      return tiles && W.group_size >= 32 ? avx512_bf16::amx_kernels(W.bits, W.kind)
+      return tiles && W.group_size >= 32 ? avx512_bf16::amx_kernels(W.bits, W.kind, rows)
                                          : avx512_bf16::kernels(W.bits, W.kind);
     };
     return k;

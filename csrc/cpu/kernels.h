@@ -117,7 +117,7 @@ const DotQmmT* kernels(int bits, ScalarKind kind);  // kind f16 or bf16; null ot
 // On AMX-BF16 tiles, for any float kind and group sizes from 32 on; only where amx_available(), which
 // also asks the OS for the tile state.
 bool amx_available();
-const DotQmmT* amx_kernels(int bits, ScalarKind kind);
+const DotQmmT* amx_kernels(int bits, ScalarKind kind, int64_t rows);  // for `rows` rows of x
 // KernelTable::dequantize_* for the affine format (ValueCode::uint) only.
 void dequantize_f32(const PackedMatrix& W, int64_t r0, int64_t r1, float* out);
 void dequantize_bf16(const PackedMatrix& W, int64_t r0, int64_t r1, uint16_t* out);

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -448,12 +449,13 @@ void dequantize(const PackedMatrix& W, int64_t r0, int64_t r1, Out* out) {
 
 constexpr int kAmxTileRows = 16;  // rows of W per block, and most rows of x per chunk
 constexpr int kAmxStep = 32;      // values per step: 16 lane pairs of bfloat16
-// Each chunk of 16 rows of x decodes W again: from this many rows on, a GEMM on dequantized tiles is
-// faster. bfloat16's GEMM is the quicker one; the float32 GEMM (float16 x runs one too) loses to the
-// tiles up to M = 128 on a 4096 x 14336 matrix (bench_qmm.py) but wins on small cache-resident ones at
-// many rows (the MiniLM demo's 384 x 1536 at M ~ 1000).
-template <ScalarKind XK>
-constexpr int64_t kAmxGemmMinRows = XK == ScalarKind::bf16 ? 48 : 256;
+// Bytes of decoded A tiles per panel of W: half a 2 MiB L2, beside a chunk of x's B tiles.
+constexpr int64_t kAmxPanelBytes = 1 << 20;
+// bfloat16 x of this many rows on multiplies W dequantized to bfloat16 (DEQUANTIZED below), as the dense
+// bfloat16 GEMM of the dequantized weight would; fewer rows get exact integer products.
+constexpr int64_t kAmxDequantizedMinRows = 32;
+// ... and from this many on, oneDNN's bfloat16 GEMM of the dequantized weight, better blocked, is faster.
+constexpr int64_t kAmxGemmMinRows = 128;
 template <int P>
 constexpr int kAmxBlocks = P == 3 ? 3 : 4;  // C tiles: blocks per pass
 template <int P>
@@ -527,25 +529,77 @@ int64_t amx_scratch_bytes(const PackedMatrix& W, int64_t M) {
   return full * amx_chunk_bytes<XK>(W, kAmxTileRows) + (rest ? amx_chunk_bytes<XK>(W, rest) : 0);
 }
 
+// r[j] = column j of the 16 x 16 matrix of 32-bit values whose row i is r[i].
+METALQ_FN inline void transpose_16x16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int k = 0; k < 8; ++k) {  // pairs of rows interleaved within each 128-bit lane
+    a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // b[4k + c], lane L: column 4L + c of rows 4k .. 4k + 3
+    b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+    b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i even = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88), odd = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xDD);
+    const __m512i even2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88);
+    const __m512i odd2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_i32x4(even, even2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(odd, odd2, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(even, even2, 0xDD);
+    r[12 + c] = _mm512_shuffle_i32x4(odd, odd2, 0xDD);
+  }
+}
+
 template <int BITS, ScalarKind XK>
 METALQ_FN void amx_prepare_x(const PackedMatrix& W, const void* x, int64_t M, uint8_t* scratch) {
   constexpr int P = kParts<XK>;
-  const int64_t K = W.cols;
-  std::vector<float> xf(K);
+  const int64_t K = W.cols, G = W.groups_per_row();
+  // Lane l of a step's lane pairs is the high half (the bfloat16 part) of float value(l) of the step.
+  alignas(64) uint16_t high_halves[kAmxStep];
+  for (int l = 0; l < kAmxStep; ++l) high_halves[l] = uint16_t(2 * StepDecoder<BITS>::value(l) + 1);
+  const __m512i pick = _mm512_load_si512(high_halves);
+  const __m512i truncate = _mm512_set1_epi32(int(0xFFFF0000u));
+  alignas(64) float rest[kAmxTileRows][kAmxStep];  // what the parts so far leave of each row's step
   for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
     const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
+    const __mmask16 row_mask = _bzhi_u32(0xFFFFu, unsigned(rows));
     uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
     uint16_t* tiles = reinterpret_cast<uint16_t*>(chunk);
     float* sums = reinterpret_cast<float*>(chunk + amx_tiles_bytes<XK>(W, rows));
-    std::memset(sums, 0, W.groups_per_row() * 64);
     const int64_t part_stride = 16 * 2 * rows;  // uint16 per B tile
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t k = 0; k < K; ++k) xf[k] = load_float<XK>(x, (m0 + i) * K + k);
-      for (int64_t s = 0; s < K / kAmxStep; ++s)
-        for (int l = 0; l < kAmxStep; ++l)
-          bf16_parts<P>(xf[s * kAmxStep + StepDecoder<BITS>::value(l)],
-                        tiles + s * P * part_stride + l / 2 * 2 * rows + 2 * i + l % 2, part_stride);
-      group_sums(W, xf.data(), sums + i, 16);
+    for (int64_t s = 0; s < K / kAmxStep; ++s) {
+      for (int64_t i = 0; i < kAmxTileRows; ++i) {
+        const int64_t count = i < rows ? 16 : 0;  // rows past the chunk's: zero
+        _mm512_store_ps(rest[i], load_floats<XK>(x, (m0 + i) * K + s * kAmxStep, count));
+        _mm512_store_ps(rest[i] + 16, load_floats<XK>(x, (m0 + i) * K + s * kAmxStep + 16, count));
+      }
+      for (int p = 0; p < P; ++p) {  // each part the rest so far truncated to bfloat16, as bf16_parts
+        __m512i pairs[kAmxTileRows];  // row i: lane pairs 0..15 of x's row i, then B row j: pair j of every row
+        for (int64_t i = 0; i < kAmxTileRows; ++i) {
+          const __m512 lo = _mm512_load_ps(rest[i]), hi = _mm512_load_ps(rest[i] + 16);
+          const __m512 lo_part = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(lo), truncate));
+          const __m512 hi_part = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(hi), truncate));
+          pairs[i] = _mm512_permutex2var_epi16(_mm512_castps_si512(lo_part), pick, _mm512_castps_si512(hi_part));
+          _mm512_store_ps(rest[i], _mm512_sub_ps(lo, lo_part));  // exact: the part is the value truncated
+          _mm512_store_ps(rest[i] + 16, _mm512_sub_ps(hi, hi_part));
+        }
+        transpose_16x16(pairs);
+        uint16_t* tile = tiles + (s * P + p) * part_stride;
+        for (int j = 0; j < 16; ++j) _mm512_mask_storeu_epi32(tile + j * 2 * rows, row_mask, pairs[j]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 sums_g = _mm512_setzero_ps();  // lane i: row i's sum
+      for (int64_t i = 0; i < rows; ++i) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = g * W.group_size; k < (g + 1) * W.group_size; k += 16)
+          sum = _mm512_add_ps(sum, load_floats<XK>(x, (m0 + i) * K + k, 16));
+        sums_g = _mm512_mask_mov_ps(sums_g, __mmask16(1u << i), _mm512_set1_ps(_mm512_reduce_add_ps(sum)));
+      }
+      _mm512_storeu_ps(sums + g * 16, sums_g);
     }
   }
 }
@@ -607,82 +661,139 @@ METALQ_AMX_FN inline void store_tile(int block, float* out) {  // 16 rows, 64 by
   }
 }
 
+// scale * q + bias of 16 bfloat16 integers q (one float rounding, as dequantize_rows).
+METALQ_FN inline __m512 dequantized_floats(__m256i q, __m512 scale, __m512 bias) {
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16)), scale, bias);
+}
+// The 32 bfloat16 integers q dequantized and rounded to bfloat16.
+METALQ_FN inline __m512i dequantized(__m512i q, float scale, float bias) {
+  const __m512 s = _mm512_set1_ps(scale), b = _mm512_set1_ps(bias);
+  return (__m512i)_mm512_cvtne2ps_pbh(dequantized_floats(_mm512_extracti64x4_epi64(q, 1), s, b),
+                                      dequantized_floats(_mm512_castsi512_si256(q), s, b));
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
-template <int BITS, ScalarKind XK>
+// DEQUANTIZED: the A tiles hold W dequantized and rounded to bfloat16 (the weight a dense bfloat16 linear
+// of the dequantized matrix multiplies, for bfloat16 x only), so a C tile sums a whole row with no scaling
+// per group: the exact-integer tiles' per-group epilogue dominates their time at many rows of x.
+template <int BITS, ScalarKind XK, bool DEQUANTIZED = false>
 METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int64_t M, float* y, int64_t ldy,
                              int64_t n0, int64_t n1) {
+  static_assert(!DEQUANTIZED || XK == ScalarKind::bf16, "dequantized A tiles multiply one bfloat16 part of x");
   constexpr int P = kParts<XK>;
   constexpr int64_t kPassRows = kAmxTileRows * kAmxBlocks<P>;
+  constexpr int64_t kTileValues = kAmxTileRows * kAmxStep;  // one A tile
   const StepDecoder<BITS> dec;
-  const int64_t G = W.groups_per_row(), row_bytes = W.row_bytes(), steps_per_group = W.group_size / kAmxStep;
-  std::vector<float> scales(kPassRows * G), biases(kPassRows * G);  // the pass's, as floats
-  alignas(64) uint16_t a[2][kAmxTileRows * kAmxStep] = {};  // A, alternately (rows past the last row of W stay 0)
+  const int64_t G = W.groups_per_row(), K = W.cols, row_bytes = W.row_bytes(), steps = K / kAmxStep;
+  const int64_t steps_per_group = W.group_size / kAmxStep;
+  // W is taken a panel of passes at a time: the panel's rows are decoded into A tiles while the first
+  // chunk of x multiplies them, and every further chunk reuses them, so the decode is paid once per panel
+  // and x is read once per panel. A panel's tiles take about kAmxPanelBytes (at least one pass).
+  const int64_t pass_bytes = steps * kAmxBlocks<P> * kTileValues * 2;
+  const int64_t panel_rows = std::max<int64_t>(kAmxPanelBytes / pass_bytes, 1) * kPassRows;
+  // Kept per thread between calls (a fresh buffer would fault its pages in every time). One chunk of x
+  // reuses nothing: its A tiles alternate between two in L1 (written out to L2, they cost more than the
+  // decode at 1-4 bits).
+  const bool reuse = M > kAmxTileRows;
+  thread_local std::vector<uint16_t> a;
+  alignas(64) uint16_t a_alternate[2][kTileValues];
+  if (reuse)
+    a.resize(std::min(panel_rows, (n1 - n0 + kPassRows - 1) / kPassRows * kPassRows) / kPassRows * pass_bytes / 2);
+  std::vector<float> scales(panel_rows * G), biases(panel_rows * G);  // the panel's, as floats
   alignas(64) float c[kAmxTileRows * 16] = {}, acc[kPassRows * 16];
-  for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
-    const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = kAmxTileRows;
-      config.colsb[t] = uint16_t(t == 4 || t == kSecondA<P> ? 64 : 4 * rows);
-    }
-    _tile_loadconfig(&config);
-    const uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
-    const float* sums = reinterpret_cast<const float*>(chunk + amx_tiles_bytes<XK>(W, rows));
-    const int64_t b_bytes = 64 * rows;  // one B tile
-    for (int64_t p0 = n0; p0 < n1; p0 += kPassRows) {
-      const int64_t pass_rows = n1 - p0 < kPassRows ? n1 - p0 : kPassRows;
-      const int blocks = int((pass_rows + kAmxTileRows - 1) / kAmxTileRows);
-      for (int64_t r = 0; r < pass_rows; ++r)
-        for (int64_t g = 0; g < G; g += 16) {
-          const __mmask16 mask = _bzhi_u32(0xFFFFu, G - g >= 16 ? 16 : unsigned(G - g));
-          _mm512_mask_storeu_ps(&scales[r * G + g], mask, load_floats<XK>(W.scales, (p0 + r) * G + g, G - g));
-          _mm512_mask_storeu_ps(&biases[r * G + g], mask, load_floats<XK>(W.biases, (p0 + r) * G + g, G - g));
-        }
-      for (int64_t i = 0; i < pass_rows * 16; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
-      // The next pass's rows (64 streams side by side, more than the hardware prefetcher follows), one
-      // contiguous run of W, prefetched a part per group.
-      const int64_t next_rows = std::min<int64_t>(kPassRows, W.rows - (p0 + kPassRows));
-      const uint8_t* next = W.w + (p0 + kPassRows) * row_bytes;
-      const int64_t next_bytes = next_rows > 0 ? next_rows * row_bytes : 0;
-      const int64_t part_bytes = (next_bytes / G + 63) / 64 * 64;
-      for (int64_t g = 0; g < G; ++g) {
-        if (g * part_bytes < next_bytes)
-          prefetch_bytes(next + g * part_bytes, std::min(part_bytes, next_bytes - g * part_bytes));
-        for (int b = 0; b < blocks; ++b) zero_tile(b);
-        for (int64_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-          const uint8_t* xs = chunk + s * P * b_bytes;
-          _tile_loadd(5, xs, 4 * rows);
-          if constexpr (P > 1) _tile_loadd(6, xs + b_bytes, 4 * rows);
-          if constexpr (P > 2) _tile_loadd(7, xs + 2 * b_bytes, 4 * rows);
-          for (int b = 0; b < blocks; ++b) {
-            const bool second = (s * blocks + b) & 1;
-            uint16_t* ab = a[second];
-            const int64_t r0 = b * kAmxTileRows, r1 = pass_rows < r0 + kAmxTileRows ? pass_rows : r0 + kAmxTileRows;
-            const uint8_t* wp = W.w + (p0 + r0) * row_bytes + s * 4 * BITS;
-            for (int64_t r = r0; r < r1; ++r, wp += row_bytes)
-              _mm512_store_si512(ab + (r - r0) * kAmxStep, dec.decode(wp));
-            load_a<P>(second, ab);
-            tile_products<P>(b, second);
-          }
-        }
-        const __m512 xsum = _mm512_loadu_ps(sums + g * 16);
-        for (int b = 0; b < blocks; ++b) {
-          store_tile(b, c);
-          const int64_t r0 = b * kAmxTileRows, r1 = pass_rows < r0 + kAmxTileRows ? pass_rows : r0 + kAmxTileRows;
-          for (int64_t r = r0; r < r1; ++r) {
-            __m512 v = _mm512_load_ps(acc + r * 16);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(scales[r * G + g]), _mm512_load_ps(c + (r - r0) * 16), v);
-            _mm512_store_ps(acc + r * 16, _mm512_fmadd_ps(_mm512_set1_ps(biases[r * G + g]), xsum, v));
-          }
-        }
+  int64_t configured_rows = 0;
+  for (int64_t panel0 = n0; panel0 < n1; panel0 += panel_rows) {
+    const int64_t panel1 = std::min(n1, panel0 + panel_rows);
+    for (int64_t r = 0; r < panel1 - panel0; ++r)
+      for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 mask = _bzhi_u32(0xFFFFu, G - g >= 16 ? 16 : unsigned(G - g));
+        _mm512_mask_storeu_ps(&scales[r * G + g], mask, load_floats<XK>(W.scales, (panel0 + r) * G + g, G - g));
+        _mm512_mask_storeu_ps(&biases[r * G + g], mask, load_floats<XK>(W.biases, (panel0 + r) * G + g, G - g));
       }
-      for (int64_t r = 0; r < pass_rows; ++r)
-        for (int64_t i = 0; i < rows; ++i) y[(m0 + i) * ldy + p0 + r] = acc[r * 16 + i];
+    // Rows decoded in order, so while a pass decodes, the next one's is prefetched (up to the panel's end
+    // where further chunks of x come before the next panel).
+    const int64_t prefetch_end = M <= kAmxTileRows ? W.rows : panel1;
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
+      const bool decode = m0 == 0;
+      const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
+      if (rows != configured_rows) {
+        TileConfig config;
+        for (int t = 0; t < 8; ++t) {
+          config.rows[t] = kAmxTileRows;
+          config.colsb[t] = uint16_t(t == 4 || t == kSecondA<P> ? 64 : 4 * rows);
+        }
+        _tile_loadconfig(&config);
+        configured_rows = rows;
+      }
+      const uint8_t* chunk = scratch + m0 / kAmxTileRows * amx_chunk_bytes<XK>(W, kAmxTileRows);
+      const float* sums = reinterpret_cast<const float*>(chunk + amx_tiles_bytes<XK>(W, rows));
+      const int64_t b_bytes = 64 * rows;  // one B tile
+      for (int64_t p0 = panel0; p0 < panel1; p0 += kPassRows) {
+        const int64_t pass_rows = panel1 - p0 < kPassRows ? panel1 - p0 : kPassRows;
+        const int blocks = int((pass_rows + kAmxTileRows - 1) / kAmxTileRows);
+        uint16_t* pass_tiles = reuse ? a.data() + (p0 - panel0) / kPassRows * (pass_bytes / 2) : nullptr;
+        const float* pass_scales = scales.data() + (p0 - panel0) * G;
+        const float* pass_biases = biases.data() + (p0 - panel0) * G;
+        // The next pass's rows (64 streams side by side, more than the hardware prefetcher follows), one
+        // contiguous run of W, prefetched a part per group.
+        const int64_t next_rows = std::min<int64_t>(kPassRows, prefetch_end - (p0 + kPassRows));
+        const uint8_t* next = W.w + (p0 + kPassRows) * row_bytes;
+        const int64_t next_bytes = decode && next_rows > 0 ? next_rows * row_bytes : 0;
+        const int64_t part_bytes = (next_bytes / G + 63) / 64 * 64;
+        for (int64_t i = 0; i < pass_rows * 16; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
+        if constexpr (DEQUANTIZED)
+          for (int b = 0; b < blocks; ++b) zero_tile(b);
+        for (int64_t g = 0; g < G; ++g) {
+          if (g * part_bytes < next_bytes)
+            prefetch_bytes(next + g * part_bytes, std::min(part_bytes, next_bytes - g * part_bytes));
+          if constexpr (!DEQUANTIZED)
+            for (int b = 0; b < blocks; ++b) zero_tile(b);
+          for (int64_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+            const uint8_t* xs = chunk + s * P * b_bytes;
+            _tile_loadd(5, xs, 4 * rows);
+            if constexpr (P > 1) _tile_loadd(6, xs + b_bytes, 4 * rows);
+            if constexpr (P > 2) _tile_loadd(7, xs + 2 * b_bytes, 4 * rows);
+            for (int b = 0; b < blocks; ++b) {
+              const bool second = (s * blocks + b) & 1;
+              uint16_t* ab = reuse ? pass_tiles + (s * kAmxBlocks<P> + b) * kTileValues : a_alternate[second];
+              if (decode) {
+                const int64_t r0 = b * kAmxTileRows, r1 = std::min<int64_t>(pass_rows, r0 + kAmxTileRows);
+                const uint8_t* wp = W.w + (p0 + r0) * row_bytes + s * 4 * BITS;
+                for (int64_t r = r0; r < r1; ++r, wp += row_bytes) {
+                  __m512i v = dec.decode(wp);
+                  if constexpr (DEQUANTIZED)
+                    v = dequantized(v, pass_scales[r * G + g], pass_biases[r * G + g]);
+                  _mm512_storeu_si512(ab + (r - r0) * kAmxStep, v);
+                }
+                for (int64_t r = r1; r < r0 + kAmxTileRows; ++r)  // rows past W's last: zero
+                  _mm512_storeu_si512(ab + (r - r0) * kAmxStep, _mm512_setzero_si512());
+              }
+              load_a<P>(second, ab);
+              tile_products<P>(b, second);
+            }
+          }
+          if constexpr (DEQUANTIZED) continue;
+          const __m512 xsum = _mm512_loadu_ps(sums + g * 16);
+          for (int b = 0; b < blocks; ++b) {
+            store_tile(b, c);
+            const int64_t r0 = b * kAmxTileRows, r1 = std::min<int64_t>(pass_rows, r0 + kAmxTileRows);
+            for (int64_t r = r0; r < r1; ++r) {
+              __m512 v = _mm512_load_ps(acc + r * 16);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(pass_scales[r * G + g]), _mm512_load_ps(c + (r - r0) * 16), v);
+              _mm512_store_ps(acc + r * 16, _mm512_fmadd_ps(_mm512_set1_ps(pass_biases[r * G + g]), xsum, v));
+            }
+          }
+        }
+        if constexpr (DEQUANTIZED)
+          for (int b = 0; b < blocks; ++b) store_tile(b, acc + b * kAmxTileRows * 16);
+        for (int64_t r = 0; r < pass_rows; ++r)
+          for (int64_t i = 0; i < rows; ++i) y[(m0 + i) * ldy + p0 + r] = acc[r * 16 + i];
+      }
     }
   }
   _tile_release();
@@ -714,7 +825,7 @@ struct Dot {
   }
 };
 
-template <int BITS, ScalarKind XK>
+template <int BITS, ScalarKind XK, bool DEQUANTIZED>
 struct Amx {
   static const DotQmmT* get() {
     static const DotQmmT k{
@@ -723,13 +834,17 @@ struct Amx {
           amx_prepare_x<BITS, XK>(W, x, M, static_cast<uint8_t*>(s));
         },
         [](const PackedMatrix& W, const void* s, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-          amx_qmm_t<BITS, XK>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
+          amx_qmm_t<BITS, XK, DEQUANTIZED>(W, static_cast<const uint8_t*>(s), M, y, ldy, n0, n1);
         },
-        kAmxGemmMinRows<XK>,
+        DEQUANTIZED ? kAmxGemmMinRows : std::numeric_limits<int64_t>::max(),
     };
     return &k;
   }
 };
+template <int BITS, ScalarKind XK>
+using ExactAmx = Amx<BITS, XK, false>;
+template <int BITS, ScalarKind XK>
+using DequantizedAmx = Amx<BITS, XK, true>;
 
 template <template <int, ScalarKind> class Kernels, ScalarKind XK>
 const DotQmmT* for_bits(int bits) {
@@ -759,11 +874,13 @@ bool amx_available() {
   return ok;
 }
 
-const DotQmmT* amx_kernels(int bits, ScalarKind x_kind) {
+const DotQmmT* amx_kernels(int bits, ScalarKind x_kind, int64_t rows) {
   switch (x_kind) {
-    case ScalarKind::bf16: return for_bits<Amx, ScalarKind::bf16>(bits);
-    case ScalarKind::f16: return for_bits<Amx, ScalarKind::f16>(bits);
-    case ScalarKind::f32: return for_bits<Amx, ScalarKind::f32>(bits);
+    case ScalarKind::bf16:
+      return rows >= kAmxDequantizedMinRows ? for_bits<DequantizedAmx, ScalarKind::bf16>(bits)
+                                            : for_bits<ExactAmx, ScalarKind::bf16>(bits);
+    case ScalarKind::f16: return for_bits<ExactAmx, ScalarKind::f16>(bits);
+    case ScalarKind::f32: return for_bits<ExactAmx, ScalarKind::f32>(bits);
     default: return nullptr;
   }
 }

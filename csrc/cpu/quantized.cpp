@@ -34,6 +34,8 @@ constexpr int64_t kFusedTileRows = 64;
 constexpr int64_t kGemmChunkBytes = 16 << 20;
 // Units of columns handed to one thread by qmm_n: a multiple of every decoder block (at most 512).
 constexpr int64_t kColumnUnit = 512;
+// Rows of x laid out for the fused kernels per task: the AMX kernels' chunk of x (a multiple of it would do).
+constexpr int64_t kPrepareRows = 16;
 
 cpu::ScalarKind scalar_kind(at::ScalarType t) {
   switch (t) {
@@ -273,21 +275,37 @@ at::Tensor blocks_qmm_t(const std::vector<RowBlock>& blocks, const at::Tensor& x
       scratch[b] = dots[b] ? at::empty({dots[b]->scratch_bytes(blk.W, blk.rows)}, x.options().dtype(at::kByte))
                            : at::empty({cpu::qmm_t_scratch_floats(blk.W, blk.rows)}, x.options().dtype(at::kFloat));
   }
-  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const RowBlock& blk = blocks[b];
-      if (!fused[b]) continue;
-      if (dots[b])
-        dots[b]->prepare_x(blk.W, x_dot[blk.row0].data_ptr(), blk.rows, scratch[b].data_ptr());
+  // x is laid out in runs of kPrepareRows rows over all threads (a layout starts afresh at every such run:
+  // its scratch is scratch_bytes(W, m0) in).
+  struct Rows { int64_t block, m0, m1; };
+  std::vector<Rows> runs;
+  for (int64_t b = 0; b < int64_t(blocks.size()); ++b)
+    if (fused[b])
+      for (int64_t m0 = 0; m0 < blocks[b].rows; m0 += kPrepareRows)
+        runs.push_back({b, m0, std::min(blocks[b].rows, m0 + kPrepareRows)});
+  at::parallel_for(0, int64_t(runs.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Rows& run = runs[i];
+      const RowBlock& blk = blocks[run.block];
+      const int64_t row = blk.row0 + run.m0, rows = run.m1 - run.m0;
+      if (const cpu::DotQmmT* dot = dots[run.block])
+        dot->prepare_x(blk.W, x_dot[row].data_ptr(), rows,
+                       static_cast<uint8_t*>(scratch[run.block].data_ptr()) + dot->scratch_bytes(blk.W, run.m0));
       else
-        k.prepare_x(blk.W, x_float[blk.row0].data_ptr<float>(), blk.rows, scratch[b].data_ptr<float>());
+        k.prepare_x(blk.W, x_float[row].data_ptr<float>(), rows,
+                    scratch[run.block].data_ptr<float>() + cpu::qmm_t_scratch_floats(blk.W, run.m0));
     }
   });
   struct Tile { int64_t block, n0, n1; };
+  const int64_t threads = at::get_num_threads();
   std::vector<Tile> tiles;
   for (int64_t b = 0; b < int64_t(blocks.size()); ++b)
-    if (fused[b])
-      for (int64_t n0 = 0; n0 < N; n0 += kFusedTileRows) tiles.push_back({b, n0, std::min(N, n0 + kFusedTileRows)});
+    if (fused[b]) {
+      // Each tile reads all of the block's x: from a few chunks of x on, one tile per thread.
+      const int64_t rows = blocks[b].rows < kPrepareRows * 2 ? kFusedTileRows
+                           : (N + kFusedTileRows * threads - 1) / (kFusedTileRows * threads) * kFusedTileRows;
+      for (int64_t n0 = 0; n0 < N; n0 += rows) tiles.push_back({b, n0, std::min(N, n0 + rows)});
+    }
   auto y = at::empty({x.size(0), N}, x.options().dtype(bf16_x && !any_fused ? at::kBFloat16 : at::kFloat));
   at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -94,6 +94,12 @@ float bf16_value(uint16_t v) {
   return f;
 }
 
+float rounded_to_bf16(float f) {  // round to nearest even, as the kernels' conversions (finite f)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return bf16_value(uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16));
+}
+
 // How a matrix is quantized: the affine format (ValueCode::uint with f32 / f16 / bf16 scales and
 // biases), or an fp mode (mxfp4: e2m1 + e8m0, nvfp4: e2m1 + e4m3 with a global factor, mxfp8:
 // e4m3 + e8m0; no biases).
@@ -325,7 +331,10 @@ void check_table(const KernelTable& t, int64_t rows, int64_t cols, const Format&
 #if defined(__x86_64__) || defined(_M_X64)
 // The dot-product x @ W.T (`name` the kernels): x is stored in the scales' float kind, so the reference
 // uses the stored values.
-void check_dot(const char* name, const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, int64_t M, Rng& rng) {
+// bf16_weights: the kernel multiplies W's values rounded (from float) to bfloat16, as a bfloat16 GEMM of
+// the dequantized weight does.
+void check_dot(const char* name, const DotQmmT& k, int64_t rows, int64_t cols, const Format& f, int64_t M, Rng& rng,
+               bool bf16_weights = false) {
   const std::string tag = std::string(name) + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
                           " bits=" + std::to_string(f.bits) + " gs=" + std::to_string(f.group_size) +
                           " kind=" + kind_name(f.kind) + " M=" + std::to_string(M);
@@ -353,7 +362,10 @@ void check_dot(const char* name, const DotQmmT& k, int64_t rows, int64_t cols, c
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < rows; ++n) {
       double want = 0;
-      for (int64_t k2 = 0; k2 < cols; ++k2) want += double(xv[m * cols + k2]) * c.dense[n * cols + k2];
+      for (int64_t k2 = 0; k2 < cols; ++k2) {
+        const double w = c.dense[n * cols + k2];
+        want += double(xv[m * cols + k2]) * (bf16_weights ? double(rounded_to_bf16(float(w))) : w);
+      }
       expect_close(y[m * rows + n], want, 1e-4, "qmm_t " + tag);
     }
 }
@@ -420,18 +432,24 @@ int main(int argc, char** argv) {
   }
   if (metalq::cpu::avx512_bf16::amx_available()) {
     // Rows of W: a part of one block (5), and per thread's half a whole pass and then part of one (2 x 70);
-    // M = 1, 2, 17 and 33: parts of a chunk of x's rows, whole chunks and part of one. float32 x too (3 parts).
+    // M = 1, 2, 17 and 33: parts of a chunk of x's rows, whole chunks and part of one (bfloat16 x of 33
+    // rows takes the dequantized tiles). float32 x too (3 parts). Then K = 4096: a panel of W holds two
+    // passes of 4 blocks, so each half of 300 rows spans panels.
     Rng rng(2468);
+    const auto check_amx = [&](int bits, int gs, ScalarKind kind, int64_t rows, int64_t cols, int64_t M) {
+      const int before = failures;
+      check_dot("amx", *metalq::cpu::avx512_bf16::amx_kernels(bits, kind, M), rows, cols, Format{bits, gs, kind}, M,
+                rng, kind == ScalarKind::bf16 && M >= 32);
+      count(before);
+    };
     for (int bits : metalq::kSupportedBits)
       for (int gs : {32, 64, 128})
-        for (ScalarKind kind : {ScalarKind::f32, ScalarKind::f16, ScalarKind::bf16})
+        for (ScalarKind kind : {ScalarKind::f32, ScalarKind::f16, ScalarKind::bf16}) {
           for (int64_t cols : {int64_t(gs), int64_t(3 * gs), int64_t(512 + gs)})
-            for (int64_t M : {1, 2, 17, 33}) {
-              const int before = failures;
-              check_dot("amx", *metalq::cpu::avx512_bf16::amx_kernels(bits, kind), M == 17 ? 140 : 5, cols,
-                        Format{bits, gs, kind}, M, rng);
-              count(before);
-            }
+            for (int64_t M : {1, 2, 17, 33}) check_amx(bits, gs, kind, M == 17 ? 140 : 5, cols, M);
+          if (gs == 64 && (bits == 3 || bits == 4))
+            for (int64_t M : {17, 33}) check_amx(bits, gs, kind, 300, 4096, M);
+        }
   }
 #endif
   // The selection by CPU features (kernels.cpp) runs here too: on arm64 it is the generic table.
