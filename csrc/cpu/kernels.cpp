@@ -30,10 +30,10 @@ const KernelTable& avx512_bf16_table() {
   return t;
 }
 
-// The AVX512-BF16 table with AMX tile products for more than one row of x: one decode of each block of W
-// serves 16 rows of x, where the dot products cost one instruction per row. For one row the tiles win
-// too where the dot products' x has two or three parts: float32 x (against the AVX2 float kernels) and
-// float16 x at 6 and 8 bits (bench_qmm.py-sized products, timed in turns in one process).
+// The AVX512-BF16 table with AMX tile products for more than one row of x: a decoded block of W serves 16
+// rows of x (and, for more rows, every chunk of x in turn), where the dot products cost one instruction per
+// row. For one row the tiles win too where the dot products' x has two or three parts: float32 x (against
+// the AVX2 float kernels) and float16 x at 6 and 8 bits (bench_qmm.py-sized products, timed in turns).
 const KernelTable& amx_table() {
   static const KernelTable t = [] {
     KernelTable k = avx512_bf16_table();
