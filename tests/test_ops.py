@@ -123,6 +123,7 @@ def test_qmm_matches_float64(op, bits, group_size, dtype, m_rows, one_thread):
 def test_qmm_t_gemm_in_chunks_of_a_large_matrix(bits, dtype):
     # Past every dtype's GEMM threshold of rows, W is dequantized in chunks of 16 MiB, each a GEMM into its
     # columns of y: 14000 x 640 is 3 chunks in float32 (float16 x too), 2 in bfloat16, the last partial.
+    # With AMX, float32 and float16 x run tile products instead, over many panels of W per thread.
     run_qmm_case(True, bits, 64, DTYPES[dtype], 260, 14000, 640)
 
 
@@ -186,6 +187,9 @@ def check_every_path():
     for transpose in (True, False):  # with the default threads: work split at uneven places
         run_qmm_case(transpose, 3, 32, torch.float16, 5, 517, 33 * 32 + 512 * 2)
         run_qmm_case(transpose, 4, 64, torch.bfloat16, 16, 517, 33 * 64)
+        # Past one chunk of 16 rows (AMX: bfloat16 on dequantized tiles, float32 on panels of W; others: a GEMM).
+        for dtype in (torch.bfloat16, torch.float32):
+            run_qmm_case(transpose, 4, 64, dtype, 40, 517, 33 * 64)
     torch.set_num_threads(1)  # the grid below is too small to gain from threads
     for transpose in (True, False):
         for bits in BITS:
