@@ -170,6 +170,11 @@ METALQ_FN inline float load_float(const void* p, int64_t i) {
   }
 }
 
+// 16 bfloat16 values as floats (exact: a bfloat16 is a float's high half).
+METALQ_FN inline __m512 bf16_floats(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // Values i .. i + min(count, 16) of p as floats, zero beyond.
 template <ScalarKind XK>
 METALQ_FN inline __m512 load_floats(const void* p, int64_t i, int64_t count) {
@@ -177,7 +182,7 @@ METALQ_FN inline __m512 load_floats(const void* p, int64_t i, int64_t count) {
   if constexpr (XK == ScalarKind::f32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
   if constexpr (XK == ScalarKind::f16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return bf16_floats(h);
 }
 
 // Scratch per row of x: the parts of x in lane order, block after block (within a block: sub-vector, then
@@ -663,7 +668,7 @@ METALQ_AMX_FN inline void store_tile(int block, float* out) {  // 16 rows, 64 by
 
 // scale * q + bias of 16 bfloat16 integers q (one float rounding, as dequantize_rows).
 METALQ_FN inline __m512 dequantized_floats(__m256i q, __m512 scale, __m512 bias) {
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16)), scale, bias);
+  return _mm512_fmadd_ps(bf16_floats(q), scale, bias);
 }
 // The 32 bfloat16 integers q dequantized and rounded to bfloat16.
 METALQ_FN inline __m512i dequantized(__m512i q, float scale, float bias) {
@@ -700,11 +705,11 @@ METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int6
   // reuses nothing: its A tiles alternate between two in L1 (written out to L2, they cost more than the
   // decode at 1-4 bits).
   const bool reuse = M > kAmxTileRows;
+  const int64_t largest_panel = std::min(panel_rows, (n1 - n0 + kPassRows - 1) / kPassRows * kPassRows);
   thread_local std::vector<uint16_t> a;
   alignas(64) uint16_t a_alternate[2][kTileValues];
-  if (reuse)
-    a.resize(std::min(panel_rows, (n1 - n0 + kPassRows - 1) / kPassRows * kPassRows) / kPassRows * pass_bytes / 2);
-  std::vector<float> scales(panel_rows * G), biases(panel_rows * G);  // the panel's, as floats
+  if (reuse) a.resize(largest_panel / kPassRows * pass_bytes / 2);
+  std::vector<float> scales(largest_panel * G), biases(largest_panel * G);  // the panel's, as floats
   alignas(64) float c[kAmxTileRows * 16] = {}, acc[kPassRows * 16];
   int64_t configured_rows = 0;
   for (int64_t panel0 = n0; panel0 < n1; panel0 += panel_rows) {
@@ -717,7 +722,7 @@ METALQ_AMX_FN void amx_qmm_t(const PackedMatrix& W, const uint8_t* scratch, int6
       }
     // Rows decoded in order, so while a pass decodes, the next one's is prefetched (up to the panel's end
     // where further chunks of x come before the next panel).
-    const int64_t prefetch_end = M <= kAmxTileRows ? W.rows : panel1;
+    const int64_t prefetch_end = reuse ? panel1 : W.rows;
     for (int64_t m0 = 0; m0 < M; m0 += kAmxTileRows) {
       const bool decode = m0 == 0;
       const int64_t rows = M - m0 < kAmxTileRows ? M - m0 : kAmxTileRows;
